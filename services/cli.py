@@ -1,0 +1,45 @@
+"""The `nitsum` command: one entry point, a subcommand per service or tool.
+
+Each package contributes its subcommands through a `register(subparsers)` function; every
+subcommand's `func(args) -> int` is the exit code. Errors the user can fix print one line and
+exit 2; nothing prints a stack trace for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from services.engine import cli as engine_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nitsum", description="Nitsum: SLO-tiered LLM serving with adaptive TP.")
+    parser.add_argument("--log-level", default=os.environ.get("NITSUM_LOG_LEVEL", "WARNING"),
+                        help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    engine_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except engine_cli.USER_ERRORS as e:
+        print(f"nitsum: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""LLMEngine: continuous batching over a paged KV cache, on one TP group.
+
+The leader process (rank 0) owns the scheduler, the sampler and the requests; ranks 1..N-1 run in
+worker processes and execute what the leader broadcasts. `step()` is schedule -> execute -> update.
+
+Request lifecycle: add_request -> (prefill chunks) -> decode steps -> finished ("stop" | "length")
+or aborted. Disaggregated serving: `prefill_only=True` finishes after the first token with
+finish_reason "prefilled" and keeps the KV until `export_kv` + `release`; the decode side resumes
+with `add_prefilled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from services.engine.batch import SeqChunk, StepBatch
+from services.engine.config import EngineArgs, ModelConfig
+from services.engine.dist import TPGroup, make_store
+from services.engine.errors import BadRequestError, EngineError
+from services.engine.runner import ModelRunner
+from services.engine.sampling import SamplingParams, sample
+from services.engine.scheduler import ScheduledChunk, Scheduler, SeqStatus, Sequence
+from services.engine.tokenizer import Tokenizer
+from services.engine.worker import ReadKV, Shutdown, Step, WriteKV, run_worker, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class KVExport:
+    """A request's KV with all heads: k and v are [layers, tokens, KV heads, head_dim]."""
+
+    num_tokens: int
+    k: torch.Tensor
+    v: torch.Tensor
+    rng_state: torch.Tensor | None = None  # the request's sampler state, when it samples
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.model_config = cfg = ModelConfig.from_dir(args.model)
+        args.validate_for(cfg)
+        self.tokenizer = Tokenizer(args.model, extra_eos_ids=cfg.eos_token_ids)
+        self.model_name = args.model
+        self._procs: list[mp.process.BaseProcess] = []
+        self.group = self._start_group(args) if args.tp > 1 else None
+        self.args = args
+        self.runner = ModelRunner(args, cfg, 0, self.group)
+        self.max_model_len = args.model_len(cfg)
+        self.scheduler = Scheduler(self.runner.num_blocks, args.block_size, args.max_num_seqs,
+                                   args.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self._rng = random.Random(args.seed)
+
+    def _start_group(self, args: EngineArgs) -> TPGroup:
+        set_threads(args.tp)
+        store = make_store(args.dist_addr or "127.0.0.1:0", is_master=True, timeout_s=args.dist_timeout_s)
+        if args.dist_addr is None:
+            args = replace(args, dist_addr=f"127.0.0.1:{store.port}")
+        if args.spawn_workers:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, args.tp):
+                p = ctx.Process(target=run_worker, args=(args, rank), daemon=True, name=f"nitsum-rank{rank}")
+                p.start()
+                self._procs.append(p)
+        device = torch.device(args.device if args.device != "cuda" else "cuda:0")
+        return TPGroup(store, args.dist_prefix, 0, args.tp, device, args.dist_timeout_s)
+
+    # ---- requests -------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return self.runner.weight_bytes
+
+    def _check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise BadRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise BadRequestError("the prompt is empty; send at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise BadRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
+                f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion); "
+                "shorten the prompt or lower max_tokens"
+            )
+        self.scheduler.check_fits(total)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return torch.Generator().manual_seed(seed)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prefill_only: bool = False) -> None:
+        self._check_request(request_id, prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, self._generator(params), prefill_only)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        self.scheduler.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def kv_usage(self) -> tuple[int, int]:
+        total = self.scheduler.blocks.num_blocks
+        return total - self.scheduler.blocks.num_free, total
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch, chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        return self._update(chunks, self._execute(batch))
+
+    def _execute(self, batch: StepBatch) -> torch.Tensor | None:
+        if self.group is not None:
+            self.group.broadcast_object(Step(batch))
+        return self.runner.execute(batch)
+
+    def _update(self, chunks: list[ScheduledChunk], logits: torch.Tensor | None) -> list[RequestOutput]:
+        sampled = [c.seq for c in chunks if c.sample]
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+        if not sampled:
+            return []
+        assert logits is not None
+        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        return [self._append(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.running.remove(seq)
+            if reason == "prefilled":
+                seq.status = SeqStatus.HELD
+            else:
+                seq.status = SeqStatus.FINISHED
+                self.scheduler.free(seq)
+                del self.seqs[seq.request_id]
+        return RequestOutput(seq.request_id, [token], reason is not None, reason,
+                             None if logprob is None else [logprob])
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+            return "stop"
+        if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        if seq.prefill_only:
+            return "prefilled"
+        return None
+
+    # ---- disaggregation ---------------------------------------------------------------------
+    def _slots(self, seq: Sequence, n: int) -> list[int]:
+        bs = self.args.block_size
+        return [seq.block_table[i // bs] * bs + i % bs for i in range(n)]
+
+    def export_kv(self, request_id: str) -> KVExport:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not SeqStatus.HELD:
+            raise EngineError(f"request {request_id!r} is not a prefilled request holding KV")
+        slots = self._slots(seq, seq.num_computed)
+        local = self.runner.read_kv(slots)
+        if self.group is not None:
+            self.group.broadcast_object(ReadKV(slots))
+            local = self.runner.assemble_heads(self.group.all_gather(local))
+        rng = seq.generator.get_state() if seq.generator is not None else None
+        return KVExport(len(slots), local[:, 0], local[:, 1], rng)
+
+    def release(self, request_id: str) -> None:
+        self.abort(request_id)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], output_ids: list[int], kv: KVExport,
+                      params: SamplingParams) -> None:
+        """Resume a request whose first `kv.num_tokens` tokens are already computed elsewhere."""
+        self._check_request(request_id, prompt_ids, params)
+        tokens = list(prompt_ids) + list(output_ids)
+        if kv.num_tokens != len(tokens) - 1:
+            raise EngineError(f"KV for {kv.num_tokens} tokens does not match {len(tokens)} tokens so far")
+        seq = Sequence(request_id, tokens, len(prompt_ids), params, self._generator(params))
+        if seq.generator is not None and kv.rng_state is not None:
+            seq.generator.set_state(kv.rng_state)
+        if not self.scheduler._grow(seq, kv.num_tokens + 1):
+            raise EngineError("no free KV blocks to receive this request now")
+        slots = self._slots(seq, kv.num_tokens)
+        full = torch.stack((kv.k, kv.v), dim=1)
+        if self.group is not None:
+            self.group.broadcast_object(WriteKV(slots, tuple(full.shape)))
+            self.group.broadcast(full.to(self.runner.dtype).contiguous())
+        self.runner.write_kv(slots, full)
+        seq.num_computed, seq.status = kv.num_tokens, SeqStatus.RUNNING
+        self.seqs[request_id] = seq
+        self.scheduler.running.append(seq)
+
+    # ---- convenience and profiling -------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion in one continuous batch; returns each one's generated ids."""
+        ids = [f"gen-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts, strict=True):
+            self.add_request(rid, prompt, params)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                out[o.request_id].extend(o.new_token_ids)
+        return [out[rid] for rid in ids]
+
+    def _timed(self, batch: StepBatch, repeats: int) -> float:
+        if self.has_unfinished():
+            raise EngineError("profiling needs an idle engine")
+        self._execute(batch)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._execute(batch)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    def _scratch_table(self, num_tokens: int) -> list[int]:
+        need = -(-num_tokens // self.args.block_size)
+        if need > self.runner.num_blocks:
+            raise BadRequestError(f"{num_tokens} tokens of KV do not fit in {self.runner.num_blocks} blocks")
+        return list(range(need))
+
+    def time_prefill(self, num_tokens: int, repeats: int = 3) -> float:
+        """Seconds for one prefill forward of `num_tokens` tokens (median of `repeats`)."""
+        ids = [i % self.model_config.vocab_size for i in range(num_tokens)]
+        batch = StepBatch(prefill=[SeqChunk(ids, 0, self._scratch_table(num_tokens))], sample_rows=[num_tokens - 1])
+        return self._timed(batch, repeats)
+
+    def time_decode_step(self, batch: int, context: int, repeats: int = 3) -> float:
+        """Seconds for one decode step of `batch` sequences with `context` cached tokens each.
+
+        The sequences share one scratch block table: the step reads as much KV as distinct ones would."""
+        table = self._scratch_table(context + 1)
+        chunks = [SeqChunk([1 + i % 100], context, table) for i in range(batch)]
+        return self._timed(StepBatch(decode=chunks, sample_rows=list(range(batch))), repeats)
+
+    def shutdown(self) -> None:
+        if self.group is not None and self._procs:
+            try:
+                self.group.broadcast_object(Shutdown())
+            except Exception:  # a worker already gone: fall through to terminate
+                log.warning("could not tell workers to stop; terminating them")
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        self._procs.clear()
+        self.group = None

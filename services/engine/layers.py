@@ -1,0 +1,117 @@
+"""The layer types of a Llama-family decoder, with tensor parallelism built into them.
+
+`ColumnParallelLinear` holds a slice of the output features (no communication);
+`RowParallelLinear` holds a slice of the input features and all-reduces its output once.
+Fused projections (QKV, gate+up) are column-parallel layers assembled from several checkpoint
+tensors, each already sliced for this rank by the loader (see `sharding.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.config import ModelConfig
+
+
+class AllReduce(Protocol):
+    def all_reduce(self, t: torch.Tensor) -> None: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference does, so greedy tokens match it exactly.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x @ W_r^T (+ b_r): this rank's rows of W, concatenated from `parts` checkpoint tensors."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.part_sizes = part_sizes
+        out = sum(part_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+
+    def load_part(self, index: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
+        start = sum(self.part_sizes[:index])
+        target = self.bias if is_bias else self.weight
+        assert target is not None
+        target.data[start : start + self.part_sizes[index]].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_r @ W_r^T): this rank's columns of W; one all-reduce when tp > 1."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                 group: AllReduce | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.group is not None:
+            self.group.all_reduce(y)
+        return y
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind != "llama3":
+        return inv_freq
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with the checkpoint's scaling; cos/sin cached for every position."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos: torch.Tensor = emb.cos().to(dtype=dtype, device=device)
+        self.sin: torch.Tensor = emb.sin().to(dtype=dtype, device=device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, d]
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

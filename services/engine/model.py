@@ -1,0 +1,163 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) running over a paged KV cache.
+
+One forward pass takes a packed batch: decode tokens of many sequences first, then prefill
+chunks. Linear layers see all tokens at once; attention reads keys and values from the paged
+cache through each sequence's block table. Weights come from `loader.iter_shards`, already
+sliced for this rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.batch import AttnMeta
+from services.engine.config import ModelConfig
+from services.engine.layers import AllReduce, ColumnParallelLinear, RMSNorm, Rotary, RowParallelLinear
+from services.engine.sharding import kv_heads_per_rank
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device,
+                 group: AllReduce | None) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = kv_heads_per_rank(cfg, tp)
+        self.head_dim = d = cfg.head_dim
+        sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.attention_bias, dtype, device)
+        self.o_proj = RowParallelLinear(self.num_heads * d, cfg.hidden_size, dtype, device, group)
+
+    def forward(self, x: torch.Tensor, meta: AttnMeta, rotary: Rotary, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split(self.qkv.part_sizes, dim=-1)
+        q, k = rotary(meta.positions, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
+        v = v.view(t, self.num_kv_heads, d)
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        b = meta.num_decode
+        if b:
+            assert meta.decode_slots is not None
+            keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, kvh, S, d]
+            vals = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
+                                               enable_gqa=True)
+            out[:b] = o.squeeze(2)
+        for seg in meta.prefill:
+            rows = slice(seg.start, seg.start + seg.length)
+            qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+            if seg.key_slots is None:
+                ks, vs, mask, causal = k[rows], v[rows], None, True
+            else:
+                ks, vs, causal = k_cache[seg.key_slots], v_cache[seg.key_slots], False
+                span = seg.context + seg.length
+                qpos = torch.arange(seg.context, span, device=x.device)[:, None]
+                mask = torch.arange(span, device=x.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                                               attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out[rows] = o.squeeze(0).transpose(0, 1)
+        return self.o_proj(out.view(t, self.num_heads * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device,
+                 group: AllReduce | None) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size // tp
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, dtype, device)
+        self.down = RowParallelLinear(inter, cfg.hidden_size, dtype, device, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device,
+                 group: AllReduce | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, tp, dtype, device, group)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, tp, dtype, device, group)
+
+
+class CausalLM(nn.Module):
+    """The whole decoder. Only rank 0 computes logits (`lm_head` is skipped elsewhere)."""
+
+    def __init__(self, cfg: ModelConfig, tp: int, rank: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device, group: AllReduce | None) -> None:
+        super().__init__()
+        self.cfg, self.tp, self.rank = cfg, tp, rank
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.decoder_layers = [DecoderLayer(cfg, tp, dtype, device, group) for _ in range(cfg.num_hidden_layers)]
+        self.layers = nn.ModuleList(self.decoder_layers)  # registers their parameters
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.rotary = Rotary(cfg, max_len, dtype, device)
+        self.lm_head: torch.Tensor | None = None
+        if rank == 0 and not cfg.tie_word_embeddings:
+            self.lm_head = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def forward(self, meta: AttnMeta, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """Run the packed batch; returns float32 logits for `meta.sample_rows` on rank 0, else None."""
+        h = self.embed_tokens(meta.input_ids)
+        residual = h
+        for i, layer in enumerate(self.decoder_layers):
+            h = layer.self_attn(layer.input_layernorm(residual), meta, self.rotary, kv_cache[i, 0], kv_cache[i, 1])
+            residual = residual + h
+            residual = residual + layer.mlp(layer.post_attention_layernorm(residual))
+        if self.rank != 0 or not len(meta.sample_rows):
+            return None
+        h = self.norm(residual[meta.sample_rows])
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(h, head).float()
+
+    def checkpoint_names(self) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
+        for i in range(self.cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            if self.cfg.attention_bias:
+                names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        return names
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        """Place one checkpoint tensor (already this rank's slice) into its parameter."""
+        if name == "model.embed_tokens.weight":
+            self.embed_tokens.weight.data.copy_(tensor)
+        elif name == "model.norm.weight":
+            self.norm.weight.data.copy_(tensor)
+        elif name == "lm_head.weight":
+            assert self.lm_head is not None
+            self.lm_head.copy_(tensor)
+        else:
+            self._load_layer(name, tensor)
+
+    def _load_layer(self, name: str, tensor: torch.Tensor) -> None:
+        parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{weight|bias}
+        layer = self.decoder_layers[int(parts[2])]
+        leaf = ".".join(parts[3:])
+        qkv_index = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+        if leaf == "input_layernorm.weight":
+            layer.input_layernorm.weight.data.copy_(tensor)
+        elif leaf == "post_attention_layernorm.weight":
+            layer.post_attention_layernorm.weight.data.copy_(tensor)
+        elif parts[3] == "self_attn" and parts[4] in qkv_index:
+            layer.self_attn.qkv.load_part(qkv_index[parts[4]], tensor, is_bias=parts[5] == "bias")
+        elif leaf == "self_attn.o_proj.weight":
+            layer.self_attn.o_proj.weight.data.copy_(tensor)
+        elif parts[4] in ("gate_proj", "up_proj"):
+            layer.mlp.gate_up.load_part(0 if parts[4] == "gate_proj" else 1, tensor)
+        elif leaf == "mlp.down_proj.weight":
+            layer.mlp.down.weight.data.copy_(tensor)
+        else:
+            raise KeyError(name)

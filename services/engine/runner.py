@@ -1,0 +1,81 @@
+"""One TP rank's share of a model replica: its weights, its KV cache, and how it runs a step.
+
+Every rank of a group holds a `ModelRunner`. The leader (rank 0) also owns the scheduler and the
+sampler; the other ranks only execute what the leader broadcasts (see `worker.py`).
+KV cache layout, one tensor per rank: [layers, 2 (k, v), num_blocks * block_size, local KV heads,
+head_dim]. A token's KV lives at slot `block * block_size + offset` in every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from services.engine.batch import StepBatch, build_meta
+from services.engine.config import EngineArgs, ModelConfig
+from services.engine.dist import TPGroup
+from services.engine.loader import iter_shards
+from services.engine.model import CausalLM
+from services.engine.sharding import kv_head_range, kv_heads_per_rank
+
+log = logging.getLogger(__name__)
+
+
+def num_kv_blocks(args: EngineArgs, cfg: ModelConfig, elem_bytes: int) -> int:
+    if args.num_kv_blocks:
+        return args.num_kv_blocks
+    per_block = cfg.num_hidden_layers * 2 * args.block_size * kv_heads_per_rank(cfg, args.tp) * cfg.head_dim * elem_bytes
+    useful = args.max_num_seqs * -(-args.model_len(cfg) // args.block_size) + 1
+    return max(2, min(args.kv_cache_bytes // per_block, useful))
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, rank: int, group: TPGroup | None) -> None:
+        self.args, self.cfg, self.rank = args, cfg, rank
+        self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank}")
+        self.dtype = args.torch_dtype(cfg)
+        self.max_len = args.model_len(cfg)
+        self.group = group
+        start = time.perf_counter()
+        self.model = CausalLM(cfg, args.tp, rank, self.max_len, self.dtype, self.device, group)
+        for name, tensor in iter_shards(args.model, cfg, self.model.checkpoint_names(), rank, args.tp):
+            self.model.load(name, tensor.to(self.dtype))
+        self.num_blocks = num_kv_blocks(args, cfg, self.dtype.itemsize)
+        self.kv_heads = kv_heads_per_rank(cfg, args.tp)
+        shape = (cfg.num_hidden_layers, 2, self.num_blocks * args.block_size, self.kv_heads, cfg.head_dim)
+        # Zeroed, not empty: padded decode rows read masked slots, and 0 * NaN would poison them.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        log.info("rank %d: loaded %s (tp=%d) in %.2fs, %d KV blocks", rank, args.model, args.tp,
+                 time.perf_counter() - start, self.num_blocks)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + (
+            0 if self.model.lm_head is None else self.model.lm_head.numel() * self.model.lm_head.element_size()
+        )
+
+    def execute(self, batch: StepBatch) -> torch.Tensor | None:
+        meta = build_meta(batch, self.args.block_size, self.device)
+        return self.model(meta, self.kv_cache)
+
+    def read_kv(self, slots: list[int]) -> torch.Tensor:
+        """This rank's KV at `slots`: [layers, 2, len(slots), local KV heads, head_dim]."""
+        return self.kv_cache[:, :, torch.tensor(slots, dtype=torch.long, device=self.device)].clone()
+
+    def write_kv(self, slots: list[int], full_kv: torch.Tensor) -> None:
+        """Write this rank's heads of a full-head KV tensor [layers, 2, n, all KV heads, d] at `slots`."""
+        h0, h1 = kv_head_range(self.cfg, self.rank, self.args.tp)
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.kv_cache[:, :, idx] = full_kv[:, :, :, h0:h1].to(self.device, self.dtype)
+
+    def assemble_heads(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Join every rank's `read_kv` into full heads, taking each KV head from its first owner."""
+        chunks, covered = [], -1
+        for rank, part in enumerate(parts):
+            h0, h1 = kv_head_range(self.cfg, rank, self.args.tp)
+            if h0 > covered:
+                chunks.append(part)
+                covered = h1 - 1
+        return torch.cat(chunks, dim=3)

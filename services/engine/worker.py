@@ -1,0 +1,82 @@
+"""Ranks 1..N-1 of a TP group: build the same model slice, then execute what rank 0 broadcasts.
+
+Every message is a small dataclass broadcast by the leader; the worker answers by taking part in
+the same collectives (the model's all-reduces, KV gathers), so no reply channel is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.batch import StepBatch
+from services.engine.config import EngineArgs, ModelConfig
+from services.engine.dist import TPGroup, make_store
+from services.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    batch: StepBatch
+
+
+@dataclass
+class ReadKV:
+    slots: list[int]
+
+
+@dataclass
+class WriteKV:
+    slots: list[int]
+    shape: tuple[int, ...]  # the full-head tensor that follows in a broadcast
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+def set_threads(tp: int) -> None:
+    """Split the host's cores between the ranks on it, so they do not oversubscribe."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+
+
+def open_group(args: EngineArgs, rank: int, device: torch.device) -> TPGroup:
+    assert args.dist_addr is not None
+    store = make_store(args.dist_addr, is_master=False, timeout_s=args.dist_timeout_s)
+    return TPGroup(store, args.dist_prefix, rank, args.tp, device, args.dist_timeout_s)
+
+
+def serve_rank(runner: ModelRunner, group: TPGroup) -> None:
+    """The follower loop: run every broadcast message until Shutdown."""
+    while True:
+        msg = group.broadcast_object()
+        if isinstance(msg, Step):
+            runner.execute(msg.batch)
+        elif isinstance(msg, ReadKV):
+            group.all_gather(runner.read_kv(msg.slots))
+        elif isinstance(msg, WriteKV):
+            full = torch.empty(msg.shape, dtype=runner.dtype, device=group.device)
+            group.broadcast(full)
+            runner.write_kv(msg.slots, full)
+        elif isinstance(msg, Shutdown):
+            return
+
+
+def run_worker(args: EngineArgs, rank: int) -> None:
+    """Entry point of a non-leader rank process (spawned by LLMEngine or started by a slot service)."""
+    logging.basicConfig(level=os.environ.get("NITSUM_LOG_LEVEL", "WARNING"))
+    set_threads(args.tp)
+    cfg = ModelConfig.from_dir(args.model)
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank}")
+    group = open_group(args, rank, device)
+    runner = ModelRunner(args, cfg, rank, group)
+    try:
+        serve_rank(runner, group)
+    except Exception:  # the leader went away: nothing left to serve
+        log.exception("rank %d stopping", rank)
