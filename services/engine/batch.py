@@ -38,54 +38,52 @@ class PrefillSegment:
     start: int  # first row in the packed token order
     length: int
     context: int
-    key_slots: torch.Tensor | None  # slots of all context+length keys; None when context == 0
+    key_blocks: torch.Tensor | None  # blocks holding all context+length keys; None when context == 0
 
 
 @dataclass
 class AttnMeta:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    slot_mapping: torch.Tensor
+    # Where each new token's K/V is written: (block, offset in block).
+    slot_blocks: torch.Tensor
+    slot_offsets: torch.Tensor
     num_decode: int
-    decode_slots: torch.Tensor | None  # [B, S] cache slots of each decode sequence's keys
-    decode_mask: torch.Tensor | None  # [B, 1, 1, S] True where a key is valid
+    decode_tables: torch.Tensor | None  # [B, max blocks] block tables of the decode sequences
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max blocks * block_size] True where a key is valid
     prefill: list[PrefillSegment]
     sample_rows: torch.Tensor
-
-
-def _slots(block_table: list[int], start: int, stop: int, block_size: int) -> list[int]:
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, stop)]
 
 
 def build_meta(batch: StepBatch, block_size: int, device: torch.device) -> AttnMeta:
     ids: list[int] = []
     pos: list[int] = []
-    slots: list[int] = []
     for c in batch.decode:
         ids.append(c.tokens[0])
         pos.append(c.context)
-        slots.append(c.block_table[c.context // block_size] * block_size + c.context % block_size)
     segments: list[PrefillSegment] = []
     for c in batch.prefill:
         n = len(c.tokens)
-        seg_slots = _slots(c.block_table, 0, c.context + n, block_size)
-        key_slots = torch.tensor(seg_slots, dtype=torch.long, device=device) if c.context else None
-        segments.append(PrefillSegment(len(ids), n, c.context, key_slots))
+        key_blocks = None
+        if c.context:
+            key_blocks = torch.tensor(c.block_table[: -(-(c.context + n) // block_size)], dtype=torch.long,
+                                      device=device)
+        segments.append(PrefillSegment(len(ids), n, c.context, key_blocks))
         ids.extend(c.tokens)
         pos.extend(range(c.context, c.context + n))
-        slots.extend(seg_slots[c.context :])
-    decode_slots = decode_mask = None
+    tables = [c.block_table for c in batch.decode] + [c.block_table for c in batch.prefill for _ in c.tokens]
+    slot_blocks = [table[p // block_size] for table, p in zip(tables, pos, strict=True)]
+    decode_tables = decode_mask = None
     if batch.decode:
         lens = torch.tensor([c.context + 1 for c in batch.decode], dtype=torch.long)
-        width = max(len(c.block_table) for c in batch.decode)
-        tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in batch.decode])
-        span = int(lens.max())
-        all_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(lens), -1)
-        decode_slots = all_slots[:, :span].to(device)
+        width = max(-(-(c.context + 1) // block_size) for c in batch.decode)
+        decode_tables = torch.tensor([c.block_table[:width] + [0] * (width - len(c.block_table[:width]))
+                                      for c in batch.decode], dtype=torch.long, device=device)
+        span = width * block_size
         decode_mask = (torch.arange(span)[None, :] < lens[:, None]).view(len(lens), 1, 1, span).to(device)
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return AttnMeta(t(ids), t(pos), t(slots), len(batch.decode), decode_slots, decode_mask, segments,
-                    t(batch.sample_rows))
+    return AttnMeta(t(ids), t(pos), t(slot_blocks), t([p % block_size for p in pos]), len(batch.decode),
+                    decode_tables, decode_mask, segments, t(batch.sample_rows))

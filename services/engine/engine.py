@@ -181,9 +181,9 @@ class LLMEngine:
         return None
 
     # ---- disaggregation ---------------------------------------------------------------------
-    def _slots(self, seq: Sequence, n: int) -> list[int]:
+    def _slots(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
         bs = self.args.block_size
-        return [seq.block_table[i // bs] * bs + i % bs for i in range(n)]
+        return [(seq.block_table[i // bs], i % bs) for i in range(n)]
 
     def export_kv(self, request_id: str) -> KVExport:
         seq = self.seqs.get(request_id)

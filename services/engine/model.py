@@ -35,31 +35,39 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(self.qkv.part_sizes, dim=-1)
         q, k = rotary(meta.positions, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
         v = v.view(t, self.num_kv_heads, d)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        # Caches are [blocks, kv heads, block_size, d] views of this layer.
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         b = meta.num_decode
         if b:
-            assert meta.decode_slots is not None
-            keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, kvh, S, d]
-            vals = v_cache[meta.decode_slots].transpose(1, 2)
+            assert meta.decode_tables is not None
+            keys, vals = _gather(k_cache, meta.decode_tables), _gather(v_cache, meta.decode_tables)
             o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
                                                enable_gqa=True)
             out[:b] = o.squeeze(2)
         for seg in meta.prefill:
             rows = slice(seg.start, seg.start + seg.length)
             qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            if seg.key_slots is None:
-                ks, vs, mask, causal = k[rows], v[rows], None, True
+            if seg.key_blocks is None:
+                ks, vs = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
+                mask, causal = None, True
             else:
-                ks, vs, causal = k_cache[seg.key_slots], v_cache[seg.key_slots], False
                 span = seg.context + seg.length
+                tables = seg.key_blocks.unsqueeze(0)
+                ks, vs = _gather(k_cache, tables)[:, :, :span], _gather(v_cache, tables)[:, :, :span]
                 qpos = torch.arange(seg.context, span, device=x.device)[:, None]
-                mask = torch.arange(span, device=x.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
-                                               attn_mask=mask, is_causal=causal, enable_gqa=True)
+                mask, causal = torch.arange(span, device=x.device)[None, :] <= qpos, False
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[rows] = o.squeeze(0).transpose(0, 1)
         return self.o_proj(out.view(t, self.num_heads * d))
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Keys or values of whole blocks: cache [blocks, kvh, bs, d], tables [B, n] -> [B, kvh, n * bs, d]."""
+    g = cache[tables]  # [B, n, kvh, bs, d]
+    b, n, h, bs, d = g.shape
+    return g.transpose(1, 2).reshape(b, h, n * bs, d)
 
 
 class MLP(nn.Module):
@@ -108,7 +116,8 @@ class CausalLM(nn.Module):
         h = self.embed_tokens(meta.input_ids)
         residual = h
         for i, layer in enumerate(self.decoder_layers):
-            h = layer.self_attn(layer.input_layernorm(residual), meta, self.rotary, kv_cache[i, 0], kv_cache[i, 1])
+            h = layer.self_attn(layer.input_layernorm(residual), meta, self.rotary, kv_cache[:, i, 0],
+                                kv_cache[:, i, 1])
             residual = residual + h
             residual = residual + layer.mlp(layer.post_attention_layernorm(residual))
         if self.rank != 0 or not len(meta.sample_rows):

@@ -2,8 +2,12 @@
 
 Every rank of a group holds a `ModelRunner`. The leader (rank 0) also owns the scheduler and the
 sampler; the other ranks only execute what the leader broadcasts (see `worker.py`).
-KV cache layout, one tensor per rank: [layers, 2 (k, v), num_blocks * block_size, local KV heads,
-head_dim]. A token's KV lives at slot `block * block_size + offset` in every layer.
+KV cache layout, one contiguous tensor per rank, block-major:
+    [num_blocks, layers, 2 (k, v), local KV heads, block_size, head_dim]
+so one block of a request (all layers) is one contiguous region, and within it each
+(layer, k|v, head range) is contiguous too: a KV transfer moves few, large descriptors, and a
+TP-layout remap moves head ranges without a gather. A token at position p of a sequence lives in
+block `block_table[p // block_size]` at offset `p % block_size`.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class ModelRunner:
             self.model.load(name, tensor.to(self.dtype))
         self.num_blocks = num_kv_blocks(args, cfg, self.dtype.itemsize)
         self.kv_heads = kv_heads_per_rank(cfg, args.tp)
-        shape = (cfg.num_hidden_layers, 2, self.num_blocks * args.block_size, self.kv_heads, cfg.head_dim)
+        shape = (self.num_blocks, cfg.num_hidden_layers, 2, self.kv_heads, args.block_size, cfg.head_dim)
         # Zeroed, not empty: padded decode rows read masked slots, and 0 * NaN would poison them.
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         log.info("rank %d: loaded %s (tp=%d) in %.2fs, %d KV blocks", rank, args.model, args.tp,
@@ -60,15 +64,22 @@ class ModelRunner:
         meta = build_meta(batch, self.args.block_size, self.device)
         return self.model(meta, self.kv_cache)
 
-    def read_kv(self, slots: list[int]) -> torch.Tensor:
-        """This rank's KV at `slots`: [layers, 2, len(slots), local KV heads, head_dim]."""
-        return self.kv_cache[:, :, torch.tensor(slots, dtype=torch.long, device=self.device)].clone()
+    def _index(self, slots: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = torch.tensor([b for b, _ in slots], dtype=torch.long, device=self.device)
+        offsets = torch.tensor([o for _, o in slots], dtype=torch.long, device=self.device)
+        return blocks, offsets
 
-    def write_kv(self, slots: list[int], full_kv: torch.Tensor) -> None:
+    def read_kv(self, slots: list[tuple[int, int]]) -> torch.Tensor:
+        """This rank's KV at (block, offset) slots: [layers, 2, len(slots), local KV heads, head_dim]."""
+        blocks, offsets = self._index(slots)
+        return self.kv_cache[blocks, :, :, :, offsets].permute(1, 2, 0, 3, 4).contiguous()
+
+    def write_kv(self, slots: list[tuple[int, int]], full_kv: torch.Tensor) -> None:
         """Write this rank's heads of a full-head KV tensor [layers, 2, n, all KV heads, d] at `slots`."""
         h0, h1 = kv_head_range(self.cfg, self.rank, self.args.tp)
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.kv_cache[:, :, idx] = full_kv[:, :, :, h0:h1].to(self.device, self.dtype)
+        blocks, offsets = self._index(slots)
+        mine = full_kv[:, :, :, h0:h1].permute(2, 0, 1, 3, 4).to(self.device, self.dtype)
+        self.kv_cache[blocks, :, :, :, offsets] = mine
 
     def assemble_heads(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Join every rank's `read_kv` into full heads, taking each KV head from its first owner."""

@@ -27,12 +27,12 @@ class Step:
 
 @dataclass
 class ReadKV:
-    slots: list[int]
+    slots: list[tuple[int, int]]
 
 
 @dataclass
 class WriteKV:
-    slots: list[int]
+    slots: list[tuple[int, int]]
     shape: tuple[int, ...]  # the full-head tensor that follows in a broadcast
 
 
