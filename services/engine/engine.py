@@ -180,16 +180,22 @@ class LLMEngine:
             return "prefilled"
         return None
 
-    # ---- disaggregation ---------------------------------------------------------------------
-    def _slots(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
+    # ---- disaggregation and migration ---------------------------------------------------------
+    # KV of computed tokens never changes, so any computed range can be copied out while the
+    # request keeps decoding (pre-copy); `detach` stops it for the final copy of what is left.
+    def _slots(self, seq: Sequence, start: int, stop: int) -> list[tuple[int, int]]:
         bs = self.args.block_size
-        return [(seq.block_table[i // bs], i % bs) for i in range(n)]
+        return [(seq.block_table[i // bs], i % bs) for i in range(start, stop)]
 
-    def export_kv(self, request_id: str) -> KVExport:
+    def export_kv(self, request_id: str, start: int = 0, stop: int | None = None) -> KVExport:
+        """KV of tokens [start, stop) (default: all computed) with all heads, gathered over the TP ranks."""
         seq = self.seqs.get(request_id)
-        if seq is None or seq.status is not SeqStatus.HELD:
-            raise EngineError(f"request {request_id!r} is not a prefilled request holding KV")
-        slots = self._slots(seq, seq.num_computed)
+        if seq is None or seq.status not in (SeqStatus.HELD, SeqStatus.RUNNING):
+            raise EngineError(f"request {request_id!r} holds no KV to export")
+        stop = seq.num_computed if stop is None else stop
+        if not 0 <= start <= stop <= seq.num_computed:
+            raise EngineError(f"cannot export tokens [{start}, {stop}) of {seq.num_computed} computed")
+        slots = self._slots(seq, start, stop)
         local = self.runner.read_kv(slots)
         if self.group is not None:
             self.group.broadcast_object(ReadKV(slots))
@@ -197,30 +203,66 @@ class LLMEngine:
         rng = seq.generator.get_state() if seq.generator is not None else None
         return KVExport(len(slots), local[:, 0], local[:, 1], rng)
 
+    def computed_tokens(self, request_id: str) -> int:
+        return self.seqs[request_id].num_computed
+
+    def detach(self, request_id: str) -> Sequence:
+        """Stop scheduling a running request but keep its KV, for the last copy of a migration."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not SeqStatus.RUNNING:
+            raise EngineError(f"request {request_id!r} is not running")
+        self.scheduler.running.remove(seq)
+        seq.status = SeqStatus.HELD
+        return seq
+
     def release(self, request_id: str) -> None:
         self.abort(request_id)
 
-    def add_prefilled(self, request_id: str, prompt_ids: list[int], output_ids: list[int], kv: KVExport,
-                      params: SamplingParams) -> None:
-        """Resume a request whose first `kv.num_tokens` tokens are already computed elsewhere."""
+    def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reserve a request whose KV will arrive in pieces (`receive_kv`), then `finish_receive`."""
         self._check_request(request_id, prompt_ids, params)
-        tokens = list(prompt_ids) + list(output_ids)
-        if kv.num_tokens != len(tokens) - 1:
-            raise EngineError(f"KV for {kv.num_tokens} tokens does not match {len(tokens)} tokens so far")
-        seq = Sequence(request_id, tokens, len(prompt_ids), params, self._generator(params))
-        if seq.generator is not None and kv.rng_state is not None:
-            seq.generator.set_state(kv.rng_state)
-        if not self.scheduler._grow(seq, kv.num_tokens + 1):
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, self._generator(params))
+        seq.status = SeqStatus.RECEIVING
+        self.seqs[request_id] = seq
+
+    def receive_kv(self, request_id: str, start: int, kv: KVExport) -> None:
+        """Write KV for tokens [start, start + kv.num_tokens) into this group's cache."""
+        seq = self.seqs[request_id]
+        if seq.status is not SeqStatus.RECEIVING:
+            raise EngineError(f"request {request_id!r} is not receiving KV")
+        if not self.scheduler._grow(seq, start + kv.num_tokens + 1):
             raise EngineError("no free KV blocks to receive this request now")
-        slots = self._slots(seq, kv.num_tokens)
+        slots = self._slots(seq, start, start + kv.num_tokens)
         full = torch.stack((kv.k, kv.v), dim=1)
         if self.group is not None:
             self.group.broadcast_object(WriteKV(slots, tuple(full.shape)))
             self.group.broadcast(full.to(self.runner.dtype).contiguous())
         self.runner.write_kv(slots, full)
-        seq.num_computed, seq.status = kv.num_tokens, SeqStatus.RUNNING
-        self.seqs[request_id] = seq
+
+    def finish_receive(self, request_id: str, output_ids: list[int], num_computed: int,
+                       rng_state: torch.Tensor | None = None) -> None:
+        """All KV has landed: the request joins the running batch and decodes from here."""
+        seq = self.seqs[request_id]
+        seq.token_ids = seq.token_ids[: seq.prompt_len] + list(output_ids)
+        if num_computed != len(seq.token_ids) - 1:
+            raise EngineError(f"KV for {num_computed} tokens does not match {len(seq.token_ids)} tokens so far")
+        if not self.scheduler._grow(seq, num_computed + 1):
+            raise EngineError("no free KV blocks to receive this request now")
+        if seq.generator is not None and rng_state is not None:
+            seq.generator.set_state(rng_state)
+        seq.num_computed, seq.status = num_computed, SeqStatus.RUNNING
         self.scheduler.running.append(seq)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], output_ids: list[int], kv: KVExport,
+                      params: SamplingParams) -> None:
+        """Resume a request whose first `kv.num_tokens` tokens were computed elsewhere."""
+        self.begin_receive(request_id, prompt_ids, params)
+        try:
+            self.receive_kv(request_id, 0, kv)
+            self.finish_receive(request_id, output_ids, kv.num_tokens, kv.rng_state)
+        except Exception:
+            self.abort(request_id)
+            raise
 
     # ---- convenience and profiling -------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -23,7 +23,8 @@ from services.engine.sampling import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    HELD = "held"
+    HELD = "held"  # prefilled or detached: keeps its blocks, not scheduled
+    RECEIVING = "receiving"  # KV arriving from another group; not scheduled yet
     FINISHED = "finished"
 
 
