@@ -22,6 +22,24 @@ class AllReduce(Protocol):
     def all_reduce(self, t: torch.Tensor) -> None: ...
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked layout for a bf16 weight on CPU (what inductor uses when freezing).
+
+    `F.linear` in bf16 on CPU runs well below memory bandwidth for decode-sized inputs; the
+    prepacked kernel is about 1.8x faster at batch 1. fp32 keeps `F.linear` (MKL), whose
+    numerics the reference tests compare against."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -47,6 +65,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
+        self.packed: torch.Tensor | None = None
 
     def load_part(self, index: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
         start = sum(self.part_sizes[:index])
@@ -54,8 +73,12 @@ class ColumnParallelLinear(nn.Module):
         assert target is not None
         target.data[start : start + self.part_sizes[index]].copy_(tensor)
 
+    def finalize(self) -> None:
+        """Called once the weights are loaded (and again whenever they change)."""
+        self.packed = pack_weight(self.weight.data)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -68,9 +91,13 @@ class RowParallelLinear(nn.Module):
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
         )
         self.group = group
+        self.packed: torch.Tensor | None = None
+
+    def finalize(self) -> None:
+        self.packed = pack_weight(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, self.packed)
         if self.group is not None:
             self.group.all_reduce(y)
         return y
@@ -106,10 +133,15 @@ class Rotary(nn.Module):
         self.cos: torch.Tensor = emb.cos().to(dtype=dtype, device=device)
         self.sin: torch.Tensor = emb.sin().to(dtype=dtype, device=device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, d]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the step's positions, [T, 1, d]: looked up once, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
+                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,16 @@ from torch import nn
 
 from services.engine.batch import AttnMeta
 from services.engine.config import ModelConfig
-from services.engine.layers import AllReduce, ColumnParallelLinear, RMSNorm, Rotary, RowParallelLinear
+from services.engine.layers import (
+    AllReduce,
+    ColumnParallelLinear,
+    RMSNorm,
+    Rotary,
+    RowParallelLinear,
+    apply_rotary,
+    linear,
+    pack_weight,
+)
 from services.engine.sharding import kv_heads_per_rank
 
 
@@ -29,11 +38,11 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.attention_bias, dtype, device)
         self.o_proj = RowParallelLinear(self.num_heads * d, cfg.hidden_size, dtype, device, group)
 
-    def forward(self, x: torch.Tensor, meta: AttnMeta, rotary: Rotary, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttnMeta, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv(x).split(self.qkv.part_sizes, dim=-1)
-        q, k = rotary(meta.positions, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
+        q, k = apply_rotary(cos_sin, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
         v = v.view(t, self.num_kv_heads, d)
         # Caches are [blocks, kv heads, block_size, d] views of this layer.
         k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
@@ -109,22 +118,34 @@ class CausalLM(nn.Module):
         self.lm_head: torch.Tensor | None = None
         if rank == 0 and not cfg.tie_word_embeddings:
             self.lm_head = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def finalize(self) -> None:
+        """Prepare kernels' weight layouts once every weight is loaded."""
+        for layer in self.decoder_layers:
+            for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                lin.finalize()
+        if self.rank == 0:
+            self.lm_head_packed = pack_weight(self.head_weight)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 
     @torch.inference_mode()
     def forward(self, meta: AttnMeta, kv_cache: torch.Tensor) -> torch.Tensor | None:
         """Run the packed batch; returns float32 logits for `meta.sample_rows` on rank 0, else None."""
         h = self.embed_tokens(meta.input_ids)
         residual = h
+        cos_sin = self.rotary.at(meta.positions)
         for i, layer in enumerate(self.decoder_layers):
-            h = layer.self_attn(layer.input_layernorm(residual), meta, self.rotary, kv_cache[:, i, 0],
-                                kv_cache[:, i, 1])
+            h = layer.self_attn(layer.input_layernorm(residual), meta, cos_sin, kv_cache[:, i, 0], kv_cache[:, i, 1])
             residual = residual + h
             residual = residual + layer.mlp(layer.post_attention_layernorm(residual))
         if self.rank != 0 or not len(meta.sample_rows):
             return None
         h = self.norm(residual[meta.sample_rows])
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        return F.linear(h, head).float()
+        return linear(h, self.head_weight, self.lm_head_packed).float()
 
     def checkpoint_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]

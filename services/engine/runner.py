@@ -46,6 +46,7 @@ class ModelRunner:
         self.model = CausalLM(cfg, args.tp, rank, self.max_len, self.dtype, self.device, group)
         for name, tensor in iter_shards(args.model, cfg, self.model.checkpoint_names(), rank, args.tp):
             self.model.load(name, tensor.to(self.dtype))
+        self.model.finalize()
         self.num_blocks = num_kv_blocks(args, cfg, self.dtype.itemsize)
         self.kv_heads = kv_heads_per_rank(cfg, args.tp)
         shape = (self.num_blocks, cfg.num_hidden_layers, 2, self.kv_heads, args.block_size, cfg.head_dim)
