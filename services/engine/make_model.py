@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False),
     # For benchmarks: ~110M parameters.
     "small": dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=True),
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384, tie_word_embeddings=True),
 }
 
 ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
