@@ -40,7 +40,7 @@ def local_channel(dst: LLMEngine) -> KVChannel:
     return send
 
 
-def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Callable[[], None],
+def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Callable[[], object],
             channel: KVChannel | None = None, max_rounds: int = 8) -> MigrationReport:
     """Move `request_id` from `src` to `dst`. `keep_decoding` runs source steps between rounds."""
     channel = channel or local_channel(dst)
