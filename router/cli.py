@@ -1,0 +1,193 @@
+"""`nitsum sim`, `nitsum profile` and `nitsum plan explain`: the router's command-line surface.
+
+`register(subparsers)` and `register_plan(plan_subparsers)` add the subcommands to the `nitsum`
+console script (services/cli.py); `python -m router.cli ...` works on its own too. User errors
+print one line to stderr and exit 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from router.perfmodel import DEVICES, MODELS, PerfModel
+from router.planner import Planner, PlannerConfig
+from router.plans import parse_plan
+from router.sim.cluster import SimConfig
+from router.sim.policies import POLICIES
+from router.sim.report import format_summary
+from router.sim.sweep import DEFAULT_SWEEP, SimSetup, compare, plot, progress_bar, readme_table
+from router.sim.trace import DEFAULT_TIER_MAP
+from router.workload import TierLoad, WorkloadEstimate
+from services.tiers import DEFAULT_TIERS
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slots", type=int, default=8, help="accelerators in the cluster")
+    p.add_argument("--device", default="h200", help=f"built-in device: {', '.join(DEVICES)}")
+    p.add_argument("--model", default="llama-3.1-70b", help=f"built-in model: {', '.join(MODELS)}")
+    p.add_argument("--profile", help="profile JSON from `nitsum profile` (overrides --device/--model terms)")
+
+
+def register(subparsers: Any) -> None:
+    sim = subparsers.add_parser("sim", help="simulate policies on request traces")
+    sim.add_argument("--trace", required=True, help="trace CSV file(s), comma-separated")
+    sim.add_argument("--tier-map", default=DEFAULT_TIER_MAP,
+                     help=f"SOURCE=TIER[:SHARE][/TIER:SHARE],... (default {DEFAULT_TIER_MAP})")
+    _add_model_args(sim)
+    sim.add_argument("--policy", default="all", help=f"comma-separated of {', '.join(POLICIES)}, or all")
+    sim.add_argument("--tp", type=int, help="static-colocated: only this TP degree")
+    sim.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's arrival rate")
+    sim.add_argument("--sweep", nargs="?", const=",".join(map(str, DEFAULT_SWEEP)), type=str,
+                     help=f"sweep rate scales (default {','.join(map(str, DEFAULT_SWEEP))})")
+    sim.add_argument("--duration", type=float, help="only the first SECONDS of the (scaled) trace")
+    sim.add_argument("--seed", type=int, default=0, help="seed for the tier split")
+    sim.add_argument("--plan-interval", type=float, default=5.0, help="seconds between planner runs")
+    sim.add_argument("--plot", help="write goodput/attainment vs load to this PNG")
+    sim.add_argument("--json", action="store_true", help="final stdout line: one JSON object")
+    sim.set_defaults(func=_guard(_cmd_sim))
+
+    prof = subparsers.add_parser("profile", help="measure the engine and fit the perf model")
+    prof.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    prof.add_argument("--device-spec", choices=sorted(DEVICES), help="roofline numbers to fit against")
+    prof.add_argument("--tp", type=int, nargs="+", default=[1])
+    prof.add_argument("--prefill-tokens", type=_floats, default=[16.0, 64.0, 256.0])
+    prof.add_argument("--batches", type=_floats, default=[1.0, 4.0, 16.0])
+    prof.add_argument("--contexts", type=_floats, default=[32.0, 256.0])
+    prof.add_argument("--out", required=True, help="profile JSON to write")
+    prof.set_defaults(func=_guard(_cmd_profile))
+
+
+def register_plan(plan_subparsers: Any) -> None:
+    ex = plan_subparsers.add_parser("explain", help="which plan the planner picks for a load, and why")
+    _add_model_args(ex)
+    ex.add_argument("--current", help="current plan, e.g. c2,c2,c2,c2 (default: the planner's start)")
+    ex.add_argument("--load", required=True,
+                    help="per tier RATE:PROMPT:OUTPUT, e.g. interactive=2:2000:30,standard=5:1100:200")
+    ex.set_defaults(func=_guard(_cmd_explain))
+
+
+def _guard(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args))
+        except (UserError, ValueError, FileNotFoundError, ImportError) as exc:
+            print(f"nitsum {args.command if hasattr(args, 'command') else ''}: error: {exc}".replace("  ", " "),
+                  file=sys.stderr)
+            return 2
+    return run
+
+
+def _perf(args: argparse.Namespace) -> PerfModel:
+    if args.profile:
+        from router.profile import Profile
+
+        with open(args.profile) as f:
+            return Profile.from_json(f.read()).perf_model()
+    return PerfModel.builtin(args.device, args.model)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    policies = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise UserError(f"unknown policy {bad[0]!r}; use {', '.join(POLICIES)} or all")
+    traces = [t for t in args.trace.split(",") if t]
+    for t in traces:
+        with open(t):
+            pass  # FileNotFoundError -> one-line error before any work
+    setup = SimSetup(traces, args.tier_map, DEFAULT_TIERS, args.slots, _perf(args), policies,
+                     SimConfig(plan_interval_s=args.plan_interval), PlannerConfig(), args.seed, args.tp,
+                     args.duration)
+    scales = _floats(args.sweep) if args.sweep else [args.rate_scale]
+    points = compare(setup, scales, progress_bar)
+    for p in points:
+        print(f"== rate scale x{p.rate_scale:g} ==")
+        for s in p.by_label.values():
+            print(format_summary(s))
+    table, table_data = readme_table(points) if len(points) > 1 else ("", {})
+    if table:
+        print("\n" + table)
+    if args.plot:
+        plot(points, args.plot, f"{setup.perf.model.name} on {args.slots} x {setup.perf.device.name}")
+    if args.json:
+        print(json.dumps({"device": setup.perf.device.name, "model": setup.perf.model.name,
+                          "slots": args.slots, "traces": traces, "tier_map": args.tier_map,
+                          "loads": [{"rate_scale": p.rate_scale,
+                                     "policies": {k: _brief(s) for k, s in p.by_policy.items()},
+                                     "variants": {k: _brief(s) for k, s in p.by_label.items()}}
+                                    for p in points], "table": table_data}))
+    return 0
+
+
+def _brief(s: Any) -> dict[str, Any]:
+    return {"label": s.label, "goodput": round(s.goodput, 4), "slo_attainment": round(s.attainment, 4),
+            "shed": s.shed, "reconfigurations": s.reconfigurations,
+            "reconfig_time_frac": round(s.reconfig_time_frac, 5),
+            "tiers": {t.tier: {"goodput": round(t.goodput, 4), "slo_attainment": round(t.attainment, 4),
+                               "ttft_p50": t.ttft_p50, "ttft_p90": t.ttft_p90, "ttft_p99": t.ttft_p99,
+                               "tpot_p50": t.tpot_p50, "tpot_p90": t.tpot_p90, "tpot_p99": t.tpot_p99}
+                      for t in s.tiers}}
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from router.profile import measure, relative_errors
+
+    prof = measure(args.model, args.device, args.tp, [int(x) for x in args.prefill_tokens],
+                   [int(x) for x in args.batches], [int(x) for x in args.contexts], args.device_spec)
+    with open(args.out, "w") as f:
+        f.write(prof.to_json())
+    errs = relative_errors(prof.perf_model(), list(prof.points))
+    print(f"{len(prof.points)} points, fit error max {max(errs):.1%} mean {sum(errs) / len(errs):.1%}; "
+          f"terms {prof.efficiency.as_dict()} -> {args.out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    perf = _perf(args)
+    loads = []
+    for item in filter(None, args.load.split(",")):
+        name, _, spec = item.partition("=")
+        try:
+            rate, prompt, output = (float(x) for x in spec.split(":"))
+        except ValueError:
+            raise UserError(f"--load entry {item!r}: write TIER=RATE:PROMPT:OUTPUT") from None
+        if name not in {t.name for t in DEFAULT_TIERS}:
+            raise UserError(f"--load entry {item!r}: unknown tier {name!r}")
+        # A spread of prompt lengths around the mean, so the TTFT tail is not a single point.
+        samples = tuple(int(prompt * f) for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.25, 1.5, 1.75))
+        loads.append(TierLoad(name, rate, samples, output))
+    planner = Planner(perf, DEFAULT_TIERS, args.slots, PlannerConfig())
+    tp = next(t for t in (1, 2, 4, 8) if perf.fits(t))
+    current = parse_plan(args.current or ",".join([f"c{tp}"] * (args.slots // tp)), args.slots)
+    decision = planner.decide(0.0, current, WorkloadEstimate(0.0, 60.0, tuple(loads)))
+    print(decision.explanation)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nitsum")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    plan = sub.add_parser("plan", help="plan tools")
+    register_plan(plan.add_subparsers(dest="plan_command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Tier-aware request scheduler: which queued request goes to which prefill and decode group.
+
+Pure decision code (snapshot in, decisions out): the live router calls `schedule()` on every
+tick with what it read from the Redis tier queues and group hashes, the simulator calls it with
+its own state, and the tests call it with hand-built snapshots.
+
+One call does three things, in this order:
+
+1. **Admission control.** A tier holding more requests than its `queue_limit` sheds its newest
+   excess. If the whole cluster is overloaded (the queued prompt tokens would take longer to
+   prefill than the most patient tier's TTFT target plus its `max_wait_s`), load is shed from
+   the *lowest* tier first (smallest weight), newest first, until the backlog fits. Every shed carries a reason and a
+   retry-after hint; nothing is dropped silently.
+2. **Ordering.** Deadline-aware across tiers: a request's deadline is `arrival + tier.ttft_s`,
+   so an interactive request (0.5 s) naturally goes before a batch one (30 s) that arrived at
+   the same time. Requests that already missed their deadline go after those that can still
+   make it (serving a lost cause first only makes more requests miss), except that any request
+   that has waited `tier.max_wait_s` jumps ahead of everything: a batch request can wait, but
+   not forever. `order="fcfs"` and `order="priority"` exist for the baselines.
+3. **Placement.** In that order, each request goes to the prefill-capable group (backlog under
+   its cap) that would finish its prompt earliest, so long prompts land on wide groups, and to
+   the least-loaded decode-capable group that has free KV blocks for the prompt plus
+   `max_tokens` and a free batch slot; the tier with the tightest TPOT target prefers
+   decode-only groups, whose steps no prefill chunk stretches. Reservations made earlier
+   in the same call count, so one call never over-commits a group. A request that fits nowhere
+   stays queued.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.tiers import Tier
+
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+# A colocated group does both phases (the vLLM-like baseline); the live mesh uses the two above.
+ROLE_COLOCATED = "colocated"
+ORDERS = ("deadline", "priority", "fcfs")
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    request_id: str
+    tier: str
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class GroupState:
+    group_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    tp: int
+    free_kv_blocks: int
+    block_size: int
+    running: int
+    max_running: int
+    queued_tokens: int = 0
+    # Prompt tokens a prefill-capable group may hold beyond what it is running; past this the
+    # request stays in the router queue, where it can still be reordered or shed.
+    max_queued_tokens: int = 16384
+    # Rough prefill speed, used only to turn a backlog into a wait (admission control).
+    prefill_tokens_per_s: float = 20000.0
+
+    @property
+    def does_prefill(self) -> bool:
+        return self.role in (ROLE_PREFILL, ROLE_COLOCATED)
+
+    @property
+    def does_decode(self) -> bool:
+        return self.role in (ROLE_DECODE, ROLE_COLOCATED)
+
+
+@dataclass(frozen=True)
+class SchedulerSnapshot:
+    now_s: float
+    tiers: tuple[Tier, ...]
+    queued: tuple[QueuedRequest, ...]
+    groups: tuple[GroupState, ...]
+    order: str = "deadline"  # "deadline" | "priority" | "fcfs"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    request_id: str
+    prefill_group: str
+    decode_group: str
+
+
+@dataclass(frozen=True)
+class Shed:
+    request_id: str
+    reason: str
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Decisions:
+    dispatch: tuple[Dispatch, ...]
+    shed: tuple[Shed, ...]  # requests in neither stay queued
+
+
+def schedule(snapshot: SchedulerSnapshot) -> Decisions:
+    """Admit, order and place the queued requests of one snapshot."""
+    if snapshot.order not in ORDERS:
+        raise ValueError(f"order {snapshot.order!r}: use one of {', '.join(ORDERS)}")
+    tiers = {t.name: t for t in snapshot.tiers}
+    unknown = {q.tier for q in snapshot.queued} - tiers.keys()
+    if unknown:
+        raise ValueError(f"queued requests name unknown tiers {sorted(unknown)}")
+    shed = _admission(snapshot, tiers)
+    shed_ids = {s.request_id for s in shed}
+    kept = [q for q in snapshot.queued if q.request_id not in shed_ids]
+    ordered = _order(kept, tiers, snapshot.now_s, snapshot.order)
+    return Decisions(dispatch=_place(ordered, snapshot.groups, tiers), shed=tuple(shed))
+
+
+def _admission(snapshot: SchedulerSnapshot, tiers: dict[str, Tier]) -> list[Shed]:
+    by_tier: dict[str, list[QueuedRequest]] = {}
+    for q in snapshot.queued:
+        by_tier.setdefault(q.tier, []).append(q)
+    shed: list[Shed] = []
+    survivors: dict[str, list[QueuedRequest]] = {}
+    for name, reqs in by_tier.items():
+        tier = tiers[name]
+        if len(reqs) > tier.queue_limit:
+            reqs.sort(key=_arrival)
+            reason = f"tier {name} queue full ({len(reqs)} > limit {tier.queue_limit})"
+            retry = max(1.0, tier.ttft_s)
+            shed.extend(Shed(q.request_id, reason, retry) for q in reqs[tier.queue_limit:])
+            reqs = reqs[: tier.queue_limit]
+        survivors[name] = reqs
+    shed.extend(_shed_overload(snapshot, tiers, survivors))
+    return shed
+
+
+def _arrival(q: QueuedRequest) -> float:
+    return q.arrival_s
+
+
+def _shed_overload(snapshot: SchedulerSnapshot, tiers: dict[str, Tier],
+                   survivors: dict[str, list[QueuedRequest]]) -> list[Shed]:
+    """Shed lowest-weight tiers first, newest first, until the prefill backlog fits."""
+    rate = sum(g.prefill_tokens_per_s for g in snapshot.groups if g.does_prefill)
+    if rate <= 0 or not survivors:
+        return []
+    backlog = sum(g.queued_tokens for g in snapshot.groups if g.does_prefill)
+    backlog += sum(q.prompt_tokens for reqs in survivors.values() for q in reqs)
+    # Backlog that would make even the most patient tier wait beyond its own TTFT + max wait
+    # cannot be served in time by anyone; keep only what the cluster can clear.
+    budget = rate * max(t.ttft_s + t.max_wait_s for t in tiers.values())
+    if backlog <= budget:
+        return []
+    shed: list[Shed] = []
+    for name in sorted(survivors, key=lambda n: (tiers[n].weight, tiers[n].ttft_s)):
+        for q in sorted(survivors[name], key=_arrival, reverse=True):
+            if backlog <= budget:
+                return shed
+            backlog -= q.prompt_tokens
+            shed.append(Shed(q.request_id, f"cluster overloaded: {backlog / rate:.1f} s of prefill "
+                             f"backlog; tier {name} is the lowest tier queued",
+                             retry_after_s=math.ceil(backlog / rate)))
+    return shed
+
+
+def _order(reqs: list[QueuedRequest], tiers: dict[str, Tier], now_s: float,
+           order: str) -> list[QueuedRequest]:
+    if order == "fcfs":
+        return sorted(reqs, key=lambda q: q.arrival_s)
+    if order == "priority":
+        rank = {n: i for i, n in enumerate(sorted(tiers, key=lambda n: -tiers[n].weight))}
+        return sorted(reqs, key=lambda q: (rank[q.tier], q.arrival_s))
+
+    def key(q: QueuedRequest) -> tuple[int, float]:
+        tier = tiers[q.tier]
+        if now_s - q.arrival_s >= tier.max_wait_s:
+            return (0, q.arrival_s)  # starved: oldest first, ahead of everything
+        deadline = q.arrival_s + tier.ttft_s
+        return (1 if deadline >= now_s else 2, deadline)
+
+    return sorted(reqs, key=key)
+
+
+def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...],
+           tiers: dict[str, Tier]) -> tuple[Dispatch, ...]:
+    prefill = {g.group_id: g.queued_tokens for g in groups if g.does_prefill}
+    cap = {g.group_id: g.max_queued_tokens for g in groups if g.does_prefill}
+    rate = {g.group_id: max(g.prefill_tokens_per_s, 1e-9) for g in groups}
+    tp = {g.group_id: g.tp for g in groups}
+    kv = {g.group_id: g.free_kv_blocks for g in groups if g.does_decode}
+    running = {g.group_id: g.running for g in groups if g.does_decode}
+    max_running = {g.group_id: g.max_running for g in groups}
+    block = {g.group_id: g.block_size for g in groups}
+    decode_only = {g.group_id for g in groups if g.role == ROLE_DECODE}
+    tightest = min((t.tpot_s for t in tiers.values()), default=0.0)
+    out: list[Dispatch] = []
+    for q in ordered:
+        if not any(prefill[g] < cap[g] for g in prefill):
+            break  # every prefill group is full: nobody else can go this tick
+        # The tightest-TPOT tier goes to decode-only groups first: no prefill chunk ever
+        # stretches their steps.
+        prefer_pure = tiers[q.tier].tpot_s <= tightest and bool(decode_only)
+        dec = _pick_decode(q, kv, running, max_running, block, tp, decode_only if prefer_pure else set())
+        if dec is None:
+            continue  # a smaller request may still fit
+        pre = _pick_prefill(q, prefill, cap, rate, prefer=dec)
+        if pre is None:
+            break
+        prefill[pre] += q.prompt_tokens
+        kv[dec] -= _blocks(q, block[dec])
+        running[dec] += 1
+        out.append(Dispatch(q.request_id, pre, dec))
+    return tuple(out)
+
+
+def _blocks(q: QueuedRequest, block_size: int) -> int:
+    return -(-(q.prompt_tokens + q.max_tokens) // block_size)
+
+
+def _pick_prefill(q: QueuedRequest, prefill: dict[str, int], cap: dict[str, int], rate: dict[str, float],
+                  prefer: str) -> str | None:
+    """Earliest estimated prefill finish: a long prompt goes to a wide group even if it is busier.
+
+    A colocated decode group gets a small edge for its own requests (no KV transfer needed)."""
+    open_groups = [g for g in prefill if prefill[g] < cap[g]]
+    if not open_groups:
+        return None
+    return min(open_groups, key=lambda g: ((prefill[g] + q.prompt_tokens) / rate[g] * (0.95 if g == prefer else 1.0), g))
+
+
+def _pick_decode(q: QueuedRequest, kv: dict[str, int], running: dict[str, int], max_running: dict[str, int],
+                 block: dict[str, int], tp: dict[str, int], preferred: set[str]) -> str | None:
+    fits = [g for g in kv if running[g] < max_running[g] and kv[g] >= _blocks(q, block[g])]
+    # Preferred groups first, then fewest running sequences per TP rank (lowest TPOT).
+    return min(fits, key=lambda g: (g not in preferred, running[g] / tp[g], g)) if fits else None
