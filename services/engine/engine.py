@@ -127,6 +127,10 @@ class LLMEngine:
         self.scheduler.free(seq)
         seq.status = SeqStatus.FINISHED
 
+    def num_requests(self) -> int:
+        """Requests this engine holds: queued, running, holding KV for export, or receiving KV."""
+        return len(self.seqs)
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

@@ -42,8 +42,12 @@ class Shutdown:
 
 
 def set_threads(tp: int) -> None:
-    """Split the host's cores between the ranks on it, so they do not oversubscribe."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    """Split the host's cores between the ranks on it, so they do not oversubscribe.
+
+    An explicit OMP_NUM_THREADS wins: a launcher that runs several groups on one host knows
+    the whole split (see services/launch.py)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
 
 
 def open_group(args: EngineArgs, rank: int, device: torch.device) -> TPGroup:

@@ -1,0 +1,3 @@
+from decode_node.cli import main
+
+raise SystemExit(main())

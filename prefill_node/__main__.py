@@ -1,0 +1,3 @@
+from prefill_node.cli import main
+
+raise SystemExit(main())

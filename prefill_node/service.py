@@ -1,0 +1,121 @@
+"""A prefill group leader: runs each assigned prompt, emits its first token straight to the
+request's output stream (so TTFT never waits for the KV transfer), then hands the KV to the
+decode group named in the assignment and answers the router.
+
+Lifecycle of one request here: Prefill RPC -> add_request(prefill_only) -> the step that
+samples the first token -> first token event -> export_kv + release -> KV sender -> reply.
+A request that finishes at its first token (stop token, max_tokens 1) skips the handoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from kvtransfer.base import KVHandoff, TransferState
+from kvtransfer.grpc_backend import GrpcKVBackend
+from services.config import NodeConfig
+from services.engine import BadRequestError, RequestOutput
+from services.node.frame import GroupLeader, error, sampling_of
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("nitsum.prefill")
+
+
+class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
+    def __init__(self, config: NodeConfig) -> None:
+        super().__init__(config)
+        self.kv = GrpcKVBackend(self.config.kv_chunk_bytes)
+        self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
+
+    def add_services(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_PrefillServicer_to_server(self, server)
+
+    async def close(self) -> None:
+        await self.kv.close()
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            waiter = self._waiting.pop(out.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(out)
+
+    async def on_cancel(self, request_id: str) -> None:
+        waiter = self._waiting.pop(request_id, None)
+        if waiter is None:
+            return
+        assert self.loop is not None and self.engine is not None
+        await self.loop.call(self.engine.abort, request_id)
+        self.metrics.aborted.inc()
+        self.aborted += 1
+        if not waiter.done():
+            waiter.set_result(None)
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        return self.health()
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortReply:  # noqa: N802
+        found = request.request_id in self._waiting
+        await self.on_cancel(request.request_id)
+        return pb.AbortReply(found=found)
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:  # noqa: N802
+        q = request.request
+        try:
+            return await self._prefill(request)
+        except Exception:
+            log.exception("prefill of %s failed", q.request_id)
+            e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
+            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time()))
+            return pb.PrefillReply(error=e)
+
+    async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
+        assert self.loop is not None and self.engine is not None
+        q, rid = request.request, request.request.request_id
+        if await self.cluster.is_cancelled(rid):
+            return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled before prefill"))
+        started = time.perf_counter()
+        waiter: asyncio.Future[RequestOutput | None] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = waiter
+        try:
+            await self.loop.call(self.engine.add_request, rid, list(q.prompt_ids), sampling_of(q.sampling), True)
+        except BadRequestError as e:
+            self._waiting.pop(rid, None)
+            err = error(pb.BAD_REQUEST, str(e))
+            await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time()))
+            return pb.PrefillReply(error=err)
+        out = await waiter
+        if out is None:
+            return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled during prefill"))
+        prefill_s = time.perf_counter() - started
+        first = out.new_token_ids[0]
+        done = out.finish_reason in ("stop", "length", "abort")
+        await self.cluster.emit(rid, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
+                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids)))
+        if done:
+            return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
+        return await self._hand_over(request, first, prefill_s)
+
+    async def _hand_over(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
+        assert self.loop is not None and self.engine is not None
+        rid = request.request.request_id
+        try:
+            kv = await self.loop.call(self.engine.export_kv, rid)
+        finally:
+            await self.loop.call(self.engine.release, rid)
+        sender = self.kv.sender(request.decode_address)
+        sender.send(KVHandoff(request.request, (first,), kv, request.epoch))
+        state = await sender.wait()
+        self.metrics.kv_transfer_seconds.observe(getattr(sender, "seconds", 0.0))
+        self.metrics.kv_transfer_bytes.labels("sent").inc(getattr(sender, "bytes_sent", 0))
+        if state is not TransferState.DONE:
+            err = sender.error or error(pb.INTERNAL, "KV transfer failed")
+            if err.kind != pb.CANCELLED:  # the decode group refused or failed: tell the client
+                await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time()))
+            return pb.PrefillReply(error=err, first_token=first, prefill_s=prefill_s)
+        return pb.PrefillReply(first_token=first, prefill_s=prefill_s, transfer_s=getattr(sender, "seconds", 0.0))
+
+

@@ -1,0 +1,185 @@
+"""The live router: tier streams in, dispatches to prefill/decode groups out.
+
+Loop (only while this router holds the leader lock): read new entries from every tier stream
+(consumer group `routers`), take over entries a dead router left pending (XAUTOCLAIM), build a
+`SchedulerSnapshot` from what is queued and the groups' Redis records, call the pure
+`router.scheduler.schedule`, then:
+  - shed -> an OVERLOADED event on the request's output stream (the gateway answers 429) + ack;
+  - dispatch -> Prefill RPC to the prefill group leader naming the decode group; the entry is
+    acked once the prefill group has taken the request over (so a router that dies before that
+    leaves it pending, to be claimed again).
+A request cancelled while queued is dropped. Requests in neither list stay queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
+from services.cluster import ClusterClient, GroupRecord, QueueEntry
+from services.config import RouterConfig
+from services.rpc import pb, pb_grpc
+from services.tasks import TaskSet
+
+log = logging.getLogger("nitsum.router")
+
+
+@dataclass
+class InFlight:
+    """Load this router has sent to a group that the group's heartbeat may not show yet."""
+
+    requests: int = 0
+    tokens: int = 0
+    blocks: int = 0
+
+
+@dataclass
+class Router:
+    config: RouterConfig
+    cluster: ClusterClient
+    tasks: TaskSet = field(default_factory=lambda: TaskSet("router"))
+    queued: dict[str, QueueEntry] = field(default_factory=dict)  # request id -> entry
+    dispatching: set[str] = field(default_factory=set)
+    inflight: dict[str, InFlight] = field(default_factory=dict)
+    _stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.PrefillStub]] = field(default_factory=dict)
+    _groups: list[GroupRecord] = field(default_factory=list)
+    _groups_at: float = float("-inf")
+    leading: bool = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tiers = list(self.config.policy.names)
+        await self.cluster.ensure_queues(tiers)
+        self.tasks.spawn(self._hold_leadership(stop), name="leader-lock")
+        self.tasks.spawn(self._follow_cancellations(), name="cancellations")
+        self.tasks.spawn(self._claim_stale(stop), name="claim-stale")
+        try:
+            while not stop.is_set():
+                if not self.leading:
+                    await asyncio.sleep(0.05)
+                    continue
+                block = self.config.read_block_ms if self.queued else 100
+                for entry in await self.cluster.read_queues(self.config.router_id, tiers, self.config.read_count, block):
+                    self._take(entry)
+                if self.queued:
+                    await self._schedule_once()
+        finally:
+            await self.tasks.cancel_all()
+            for channel, _ in self._stubs.values():
+                await channel.close()
+            if self.leading:
+                await self.cluster.release_leader(self.config.router_id)
+
+    def _take(self, entry: QueueEntry) -> None:
+        rid = entry.request.request_id
+        if rid not in self.queued and rid not in self.dispatching:
+            self.queued[rid] = entry
+
+    async def _groups_now(self) -> list[GroupRecord]:
+        now = time.monotonic()
+        if now - self._groups_at > self.config.group_refresh_s:
+            self._groups = await self.cluster.groups()
+            self._groups_at = now
+        return self._groups
+
+    def snapshot(self, groups: list[GroupRecord]) -> SchedulerSnapshot:
+        queued = tuple(QueuedRequest(rid, e.tier, e.request.arrival_s, len(e.request.prompt_ids),
+                                     e.request.sampling.max_tokens) for rid, e in self.queued.items())
+        states = []
+        for g in groups:
+            extra = self.inflight.get(g.group_id, InFlight())
+            states.append(GroupState(g.group_id, g.role, g.tp, max(0, g.free_kv_blocks - extra.blocks), g.block_size,
+                                     g.running + extra.requests, g.max_running, queued_tokens=g.queued_tokens + extra.tokens))
+        return SchedulerSnapshot(now_s=time.time(), tiers=self.config.policy.tiers, queued=queued, groups=tuple(states))
+
+    async def _schedule_once(self) -> None:
+        groups = await self._groups_now()
+        decisions = schedule(self.snapshot(groups))
+        by_id = {g.group_id: g for g in groups}
+        for shed in decisions.shed:
+            entry = self.queued.pop(shed.request_id)
+            err = pb.Error(kind=pb.OVERLOADED, message=shed.reason, retry_after_s=shed.retry_after_s)
+            await self.cluster.emit(shed.request_id, pb.TokenEvent(error=err, time_s=time.time()))
+            await self.cluster.ack(entry)
+        for d in decisions.dispatch:
+            entry = self.queued.pop(d.request_id)
+            self.dispatching.add(d.request_id)
+            self.tasks.spawn(self._dispatch(entry, by_id[d.prefill_group], by_id[d.decode_group]),
+                             name=f"dispatch-{d.request_id}")
+
+    async def _dispatch(self, entry: QueueEntry, prefill: GroupRecord, decode: GroupRecord) -> None:
+        q = entry.request
+        blocks = math.ceil((len(q.prompt_ids) + q.sampling.max_tokens) / max(1, decode.block_size))
+        p_load = self.inflight.setdefault(prefill.group_id, InFlight())
+        d_load = self.inflight.setdefault(decode.group_id, InFlight())
+        p_load.requests += 1
+        p_load.tokens += len(q.prompt_ids)
+        d_load.requests += 1
+        d_load.blocks += blocks
+        try:
+            reply = await self._stub(prefill.address).Prefill(
+                pb.PrefillRequest(request=q, decode_group=decode.group_id, decode_address=decode.address,
+                                  epoch=prefill.epoch), timeout=self.config.rpc_timeout_s)
+            if reply.error.kind not in (pb.ERROR_KIND_UNSPECIFIED, pb.CANCELLED):
+                log.info("request %s: %s", q.request_id, reply.error.message)
+        except grpc.aio.AioRpcError as e:
+            log.warning("prefill group %s failed request %s: %s", prefill.group_id, q.request_id, e.code().name)
+            err = pb.Error(kind=pb.UNAVAILABLE, message=f"prefill group {prefill.group_id} is unavailable",
+                           retry_after_s=1.0)
+            await self.cluster.emit(q.request_id, pb.TokenEvent(error=err, time_s=time.time()))
+        finally:
+            p_load.requests -= 1
+            p_load.tokens -= len(q.prompt_ids)
+            d_load.requests -= 1
+            d_load.blocks -= blocks
+            self.dispatching.discard(q.request_id)
+            self._groups_at = float("-inf")  # the groups' load changed: re-read before the next decision
+            await self.cluster.ack(entry)
+
+    def _stub(self, address: str) -> pb_grpc.PrefillStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address)
+            self._stubs[address] = (channel, pb_grpc.PrefillStub(channel))
+        return self._stubs[address][1]
+
+    async def _hold_leadership(self, stop: asyncio.Event) -> None:
+        ttl = self.config.leader_ttl_ms
+        while not stop.is_set():
+            try:
+                leading = await self.cluster.hold_leader(self.config.router_id, ttl)
+            except Exception:
+                log.exception("leader lock refresh failed")
+                leading = False
+            if leading != self.leading:
+                log.info("router %s %s", self.config.router_id, "leads" if leading else "stands by")
+            self.leading = leading
+            await asyncio.sleep(ttl / 3000)
+
+    async def _claim_stale(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.config.claim_idle_ms / 2000)
+            if not self.leading:
+                continue
+            for tier in self.config.policy.names:
+                for entry in await self.cluster.claim_stale(self.config.router_id, tier, self.config.claim_idle_ms):
+                    if entry.request.request_id not in self.dispatching:
+                        log.info("took over request %s left by another router", entry.request.request_id)
+                        self._take(entry)
+
+    async def _follow_cancellations(self) -> None:
+        while True:
+            try:
+                async for rid in self.cluster.cancellations():
+                    entry = self.queued.pop(rid, None)
+                    if entry is not None:
+                        await self.cluster.ack(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cancellation feed failed; resubscribing")
+                await asyncio.sleep(0.5)

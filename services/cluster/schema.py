@@ -1,0 +1,115 @@
+"""Redis key names and the typed records stored under them (see README.md for the schema).
+
+Every key starts with the prefix (default `nitsum:`) so several meshes can share one server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+DEFAULT_PREFIX = "nitsum:"
+ROUTER_GROUP = "routers"  # the consumer group every router joins on every tier stream
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    def queue(self, tier: str) -> str:
+        return f"{self.prefix}queue:{tier}"
+
+    def output(self, request_id: str) -> str:
+        return f"{self.prefix}out:{request_id}"
+
+    def cancelled(self, request_id: str) -> str:
+        return f"{self.prefix}cancelled:{request_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}cancel"
+
+    def slot(self, slot_id: str) -> str:
+        return f"{self.prefix}slot:{slot_id}"
+
+    @property
+    def slots(self) -> str:
+        return f"{self.prefix}slots"
+
+    def group(self, group_id: str) -> str:
+        return f"{self.prefix}group:{group_id}"
+
+    @property
+    def groups(self) -> str:
+        return f"{self.prefix}groups"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.prefix}plan"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}router:leader"
+
+
+def _encode(record: Any) -> dict[str, str]:
+    return {k: str(int(v) if isinstance(v, bool) else v) for k, v in asdict(record).items()}
+
+
+def _decode(cls: type, raw: dict[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        text = raw[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        values[f.name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """A group as its leader announces it, refreshed by heartbeats; gone when its lease expires."""
+
+    group_id: str
+    role: str  # "prefill" | "decode"
+    tp: int
+    epoch: int
+    address: str  # host:port of the leader's gRPC server
+    running: int = 0
+    max_running: int = 0
+    free_kv_blocks: int = 0
+    used_kv_blocks: int = 0
+    block_size: int = 16
+    max_model_len: int = 0
+    queued_tokens: int = 0
+    model: str = ""
+    pid: int = 0
+    aborted: int = 0  # requests aborted since start (client gone): their KV blocks were freed
+
+    def encode(self) -> dict[str, str]:
+        return _encode(self)
+
+    @classmethod
+    def decode(cls, raw: dict[str, str]) -> GroupRecord:
+        return _decode(cls, raw)
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """One slot (one process standing in for one accelerator) and the group it serves in."""
+
+    slot_id: str
+    group_id: str
+    rank: int
+    role: str
+    tp: int
+    epoch: int
+    pid: int = 0
+
+    def encode(self) -> dict[str, str]:
+        return _encode(self)
+
+    @classmethod
+    def decode(cls, raw: dict[str, str]) -> SlotRecord:
+        return _decode(cls, raw)

@@ -1,0 +1,25 @@
+"""What the gateway needs from a tokenizer; the real one comes from the engine's checkpoint loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class TextCodec(Protocol):
+    eos_token_ids: set[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]: ...
+
+
+def load_codec(model_dir: Path) -> TextCodec:
+    """The checkpoint's tokenizer, as the engine loads it (without loading any weights)."""
+    from services.engine.config import ModelConfig
+    from services.engine.tokenizer import Tokenizer
+
+    eos = ModelConfig.from_dir(model_dir).eos_token_ids
+    return Tokenizer(model_dir, extra_eos_ids=tuple(eos))

@@ -1,0 +1,269 @@
+"""`nitsum up`: a whole mesh on this machine, each service its own process.
+
+Start order: Redis (a real redis-server child, unless --redis-url), the plan written to Redis,
+then every slot process of every group (rank 0 of each group leads it), the router and the
+gateway, all at once; then wait until the gateway's /health says a prefill and a decode group
+are ready, and print the URL. Ctrl-C / SIGTERM (or any child dying) stops everything this
+command started, by pid, in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.cliutil import explain, fail
+from services.cluster.redis_server import RedisServer, free_port, start_redis_server
+
+DEFAULT_MODEL_DIR = Path(".nitsum/models/tiny")
+
+
+class LaunchConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: Path | None = None
+    slots: int | None = Field(default=None, ge=1)
+    plan: str = "p1,d1"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: a free port
+    redis_url: str | None = None
+    redis_prefix: str = "nitsum:"
+    tiers: Path | None = None
+    log_dir: Path | None = None
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    max_num_seqs: int = Field(default=64, ge=1)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    group_id: str
+    role: str
+    tp: int
+    slots: tuple[int, ...]
+
+
+def plan_groups(text: str, slots: int | None) -> list[GroupSpec]:
+    """`p1,d2` -> groups with ids p0, d0, ... (router.plans does the parsing and validation)."""
+    from router.plans import parse_plan
+
+    plan = parse_plan(text, slots=slots)
+    counts: dict[str, int] = {}
+    groups = []
+    for g in plan.groups:
+        if g.role not in ("prefill", "decode"):
+            raise ValueError(f"plan {text!r}: the mesh runs prefill (p) and decode (d) groups; {g.role} is not served yet")
+        letter = g.role[0]
+        groups.append(GroupSpec(f"{letter}{counts.get(letter, 0)}", g.role, g.tp, g.slots))
+        counts[letter] = counts.get(letter, 0) + 1
+    return groups
+
+
+def ensure_model(model: Path | None) -> Path:
+    if model is not None:
+        if not (model / "config.json").is_file():
+            raise ValueError(f"--model {model}: no config.json there (a Hugging Face checkpoint folder is needed)")
+        return model
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        from services.engine.make_model import make_model
+
+        print(f"making the tiny demo checkpoint in {DEFAULT_MODEL_DIR} (once)", flush=True)
+        make_model(preset="tiny", out=DEFAULT_MODEL_DIR, dtype="float32", seed=0)
+    return DEFAULT_MODEL_DIR
+
+
+@dataclass
+class Mesh:
+    """Processes of one local mesh; `start()` then `stop()` (also a context manager)."""
+
+    config: LaunchConfig
+    redis: RedisServer | None = None
+    redis_url: str = ""
+    port: int = 0
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    log_dir: Path = Path(".")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def start(self) -> Mesh:
+        c = self.config
+        groups = plan_groups(c.plan, c.slots)
+        model = ensure_model(c.model)
+        self.log_dir = c.log_dir or Path(".nitsum") / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if c.redis_url is None:
+                self.redis = start_redis_server(c.host)
+            self.redis_url = c.redis_url or self.redis.url  # type: ignore[union-attr]
+            self._write_plan(groups)
+            self.port = c.port or free_port(c.host)
+            self._start_groups(groups, model)
+            self._spawn("router", ["router.service_cli", *self._redis_args(), *self._tiers_args()])
+            self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
+                                    "--port", str(self.port), *self._redis_args(), *self._tiers_args()])
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _redis_args(self) -> list[str]:
+        return ["--redis-url", self.redis_url, "--redis-prefix", self.config.redis_prefix]
+
+    def _tiers_args(self) -> list[str]:
+        return ["--tiers", str(self.config.tiers)] if self.config.tiers else []
+
+    def _write_plan(self, groups: list[GroupSpec]) -> None:
+        import redis
+
+        doc = {"epoch": 0, "plan": {"text": self.config.plan, "groups": [
+            {"group_id": g.group_id, "role": g.role, "tp": g.tp, "slots": list(g.slots)} for g in groups]},
+            "set_at": time.time()}
+        client = redis.Redis.from_url(self.redis_url)
+        client.set(f"{self.config.redis_prefix}plan", json.dumps(doc))
+        client.close()
+
+    def _start_groups(self, groups: list[GroupSpec], model: Path) -> None:
+        # Slots share this host's cores: more OpenMP threads than cores makes every op wait for
+        # a descheduled thread, so each slot gets its share (at least one).
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, sum(g.tp for g in groups))))
+        for g in groups:
+            dist = ["--dist-addr", f"{self.config.host}:{free_port(self.config.host)}"] if g.tp > 1 else []
+            for rank in range(g.tp):
+                self._spawn(f"{g.group_id}-r{rank}", [
+                    f"{g.role}_node", "--model", str(model), "--group-id", g.group_id, "--rank", str(rank),
+                    "--tp", str(g.tp), "--host", self.config.host, "--max-num-seqs", str(self.config.max_num_seqs),
+                    "--device", self.config.device,
+                    *dist, *self._redis_args()], {"OMP_NUM_THREADS": threads})
+
+    def _spawn(self, name: str, module_args: list[str], extra_env: dict[str, str] | None = None) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        proc = subprocess.Popen([sys.executable, "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(name, p.returncode) for name, p in self.procs if p.poll() is not None]
+
+    def log_tail(self, name: str, chars: int = 1500) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            dead = self.dead()
+            if dead:
+                name, rc = dead[0]
+                raise RuntimeError(f"{name} exited with status {rc} during start-up:\n{self.log_tail(name)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the mesh was not healthy after {self.config.startup_timeout_s:.0f}s; logs in {self.log_dir}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every child (newest first), wait, SIGKILL what is left; then Redis, if ours."""
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, p in reversed(self.procs):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Mesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"checkpoint folder (default: the tiny demo, made in {DEFAULT_MODEL_DIR})")
+    p.add_argument("--slots", type=int, default=None, help="slots on this machine (default: what the plan uses)")
+    p.add_argument("--plan", default="p1,d1", help="groups, e.g. p1,d2 = prefill TP1 + decode TP2")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    p.add_argument("--redis-prefix", default="nitsum:")
+    p.add_argument("--tiers", default=None, help="tiers file (JSON or .toml)")
+    p.add_argument("--log-dir", default=None, help="where each process's log goes (default .nitsum/logs/<time>)")
+    p.add_argument("--device", default="cpu", help="engine device of every slot: cpu or cuda")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("up", help="start a whole local mesh (Redis, router, gateway, prefill/decode groups)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = LaunchConfig(model=args.model, slots=args.slots, plan=args.plan, host=args.host, port=args.port,
+                              redis_url=args.redis_url, redis_prefix=args.redis_prefix, tiers=args.tiers,
+                              log_dir=args.log_dir, device=args.device)
+        plan_groups(config.plan, config.slots)
+    except ValidationError as e:
+        return fail("up", explain(e))
+    except ValueError as e:
+        return fail("up", str(e))
+    stopping = {"now": False}
+
+    def on_signal(signum: int, _: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    mesh = Mesh(config)
+    try:
+        mesh.start()
+    except (RuntimeError, ValueError, OSError) as e:
+        return fail("up", str(e))
+    print(f"nitsum is serving at {mesh.url}/v1 (plan {config.plan}; logs in {mesh.log_dir}); Ctrl-C stops it",
+          flush=True)
+    try:
+        while not stopping["now"]:
+            dead = mesh.dead()
+            if dead:
+                name, rc = dead[0]
+                print(f"nitsum up: {name} exited with status {rc}; stopping the mesh\n{mesh.log_tail(name)}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        mesh.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nitsum up")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

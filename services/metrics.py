@@ -1,0 +1,101 @@
+"""Prometheus metrics (prometheus-client), `nitsum_` prefix, base units.
+
+Each service builds its own set on its own registry (so tests can run several in one process)
+and serves it at `/metrics`. Per-tier series come from the gateway, which sees every request
+from arrival to last token; per-group series come from the group leaders and, for a one-stop
+view, from the gateway mirroring the group records it reads from Redis.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from services.cluster.schema import GroupRecord
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# Outcomes of a request as the gateway saw it (label `outcome` of nitsum_requests_total).
+OUTCOMES = ("ok", "bad_request", "unauthorized", "forbidden", "shed", "unavailable", "cancelled", "error")
+
+
+class GroupMetrics:
+    """Role, TP degree, running batch and KV usage of groups."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("group", "role")
+        self.tp = Gauge("nitsum_group_tp_degree", "TP degree of the group", labels, registry=registry)
+        self.running = Gauge("nitsum_group_running_requests", "Requests in the group's running batch",
+                             labels, registry=registry)
+        self.kv_used = Gauge("nitsum_group_kv_blocks_used", "KV cache blocks in use", labels, registry=registry)
+        self.kv_free = Gauge("nitsum_group_kv_blocks_free", "KV cache blocks free", labels, registry=registry)
+        self._known: set[tuple[str, str]] = set()
+
+    def observe(self, g: GroupRecord) -> None:
+        key = (g.group_id, g.role)
+        self._known.add(key)
+        self.tp.labels(*key).set(g.tp)
+        self.running.labels(*key).set(g.running)
+        self.kv_used.labels(*key).set(g.used_kv_blocks)
+        self.kv_free.labels(*key).set(g.free_kv_blocks)
+
+    def replace_all(self, groups: list[GroupRecord]) -> None:
+        """Show exactly these groups (ones whose lease expired disappear)."""
+        live = {(g.group_id, g.role) for g in groups}
+        for key in self._known - live:
+            for gauge in (self.tp, self.running, self.kv_used, self.kv_free):
+                gauge.remove(*key)
+        self._known &= live
+        for g in groups:
+            self.observe(g)
+
+
+class GatewayMetrics:
+    def __init__(self, tiers: tuple[str, ...], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("nitsum_ttft_seconds", "Time to first token, at the gateway", ("tier",),
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("nitsum_tpot_seconds", "Mean time per output token after the first", ("tier",),
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.requests = Counter("nitsum_requests", "Requests by tier and outcome", ("tier", "outcome"), registry=r)
+        self.goodput = Counter("nitsum_goodput_requests", "Finished requests that met both targets of their tier",
+                               ("tier",), registry=r)
+        self.queue_depth = Gauge("nitsum_queue_depth", "Requests waiting in the tier's queue", ("tier",), registry=r)
+        self.prompt_tokens = Counter("nitsum_prompt_tokens", "Prompt tokens admitted", ("tier",), registry=r)
+        self.generated_tokens = Counter("nitsum_generated_tokens", "Tokens generated", ("tier",), registry=r)
+        self.groups = GroupMetrics(r)
+        for tier in tiers:  # every tier's series exists from the start, at zero
+            self.ttft.labels(tier)
+            self.tpot.labels(tier)
+            self.goodput.labels(tier)
+            self.queue_depth.labels(tier).set(0)
+            self.prompt_tokens.labels(tier)
+            self.generated_tokens.labels(tier)
+            for outcome in OUTCOMES:
+                self.requests.labels(tier, outcome)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class NodeMetrics:
+    """A group leader's own view: its group gauges plus engine and KV-transfer timings."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.groups = GroupMetrics(r)
+        self.steps = Counter("nitsum_engine_steps", "Engine steps run", registry=r)
+        self.step_seconds = Histogram("nitsum_engine_step_seconds", "Engine step time", buckets=_TPOT_BUCKETS,
+                                      registry=r)
+        self.kv_transfer_bytes = Counter("nitsum_kv_transfer_bytes", "KV bytes handed between groups",
+                                         ("direction",), registry=r)
+        self.kv_transfer_seconds = Histogram("nitsum_kv_transfer_seconds", "Time to hand one request's KV over",
+                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.aborted = Counter("nitsum_aborted_requests", "Requests aborted (client gone or error)", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

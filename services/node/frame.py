@@ -1,0 +1,168 @@
+"""The life of a slot process.
+
+Rank 0 (the group leader): build the engine (which waits for the group's other ranks), start the
+engine thread and the gRPC server, register the group and its slots in Redis and keep the lease
+alive with heartbeats, follow cancellations; on SIGTERM/SIGINT: unregister (so no new work comes),
+stop the server with a short grace, stop the engine thread, shut the engine down.
+Ranks 1..N-1: `services.engine.worker.run_worker`, which serves the leader's broadcasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from abc import ABC, abstractmethod
+
+import grpc
+
+from services.cluster import ClusterClient, GroupRecord, SlotRecord
+from services.config import NodeConfig
+from services.engine import EngineArgs, LLMEngine, RequestOutput, SamplingParams
+from services.metrics import NodeMetrics
+from services.rpc import pb
+from services.tasks import TaskSet
+
+from .engine_loop import EngineLoop
+
+log = logging.getLogger("nitsum.node")
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def engine_args(config: NodeConfig) -> EngineArgs:
+    return EngineArgs(model=str(config.model), tp=config.tp, device=config.device, dtype=config.dtype,
+                      block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                      dist_addr=config.dist_addr, dist_prefix=config.dist_prefix,
+                      spawn_workers=config.dist_addr is None)
+
+
+def run_follower(config: NodeConfig) -> int:
+    from services.engine.worker import run_worker
+
+    run_worker(engine_args(config), config.rank)
+    return 0
+
+
+class GroupLeader(ABC):
+    """Shared by prefill and decode leaders; subclasses add their gRPC services and output handling."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.tasks = TaskSet(f"{config.role}-{config.group_id}")
+        self.metrics = NodeMetrics()
+        self.cluster = ClusterClient(config.redis.url, config.redis.prefix)
+        self.engine: LLMEngine | None = None
+        self.loop: EngineLoop | None = None
+        self.address = ""
+        self.aborted = 0
+        self._stopping = asyncio.Event()
+
+    @abstractmethod
+    def add_services(self, server: grpc.aio.Server) -> None: ...
+
+    @abstractmethod
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Called on the event loop with each step's outputs."""
+
+    @abstractmethod
+    async def on_cancel(self, request_id: str) -> None:
+        """The client of this request went away."""
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.engine = await asyncio.to_thread(LLMEngine, engine_args(self.config))
+        self.loop = EngineLoop(self.engine, self.on_outputs)
+        self.loop.start()
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.add_services(server)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await server.start()
+        self.address = f"{self.config.host}:{port}"
+        if self.config.metrics_port:
+            from prometheus_client import start_http_server
+            start_http_server(self.config.metrics_port, self.config.host, registry=self.metrics.registry)
+        await self._heartbeat_once()
+        self.tasks.spawn(self._heartbeats(), name="heartbeat")
+        self.tasks.spawn(self._follow_cancellations(), name="cancellations")
+        log.info("%s group %s ready at %s (tp %d)", self.config.role, self.config.group_id, self.address, self.config.tp)
+        await self._stopping.wait()
+        await self._shutdown(server)
+        return 0
+
+    async def _shutdown(self, server: grpc.aio.Server) -> None:
+        try:
+            await self.cluster.unregister_group(self.config.group_id)
+        except Exception:  # Redis already gone: the lease expires by itself
+            log.warning("could not unregister group %s", self.config.group_id)
+        await server.stop(grace=1.0)
+        await self.tasks.cancel_all()
+        await self.close()
+        assert self.loop is not None and self.engine is not None
+        self.loop.stop()
+        self.engine.shutdown()
+        await self.cluster.close()
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Role-specific cleanup before the engine stops."""
+
+    def record(self) -> GroupRecord:
+        assert self.loop is not None and self.engine is not None
+        s = self.loop.stats
+        return GroupRecord(group_id=self.config.group_id, role=self.config.role, tp=self.config.tp,
+                           epoch=self.config.epoch, address=self.address, running=s.running,
+                           max_running=self.config.max_num_seqs, free_kv_blocks=s.free_blocks,
+                           used_kv_blocks=s.used_blocks, block_size=self.config.block_size,
+                           max_model_len=self.engine.max_model_len, model=self.config.model.name, pid=os.getpid(),
+                           aborted=self.aborted)
+
+    async def _heartbeat_once(self) -> None:
+        group = self.record()
+        self.metrics.groups.observe(group)
+        await self.cluster.heartbeat_group(group, self.config.lease_ms)
+        for rank in range(self.config.tp):
+            slot = SlotRecord(f"{self.config.group_id}-r{rank}", self.config.group_id, rank, self.config.role,
+                              self.config.tp, self.config.epoch, os.getpid() if rank == 0 else 0)
+            await self.cluster.heartbeat_slot(slot, self.config.lease_ms)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            if self.loop is not None and self.loop.failure is not None:
+                log.error("engine failed; stopping so the lease expires and the group is replaced")
+                self._stopping.set()
+                return
+            try:
+                await self._heartbeat_once()
+            except Exception:
+                log.exception("heartbeat failed; retrying")
+
+    async def _follow_cancellations(self) -> None:
+        while True:
+            try:
+                async for request_id in self.cluster.cancellations():
+                    await self.on_cancel(request_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cancellation feed failed; resubscribing")
+                await asyncio.sleep(0.5)
+
+    def health(self) -> pb.HealthReply:
+        s = self.loop.stats if self.loop is not None else None
+        return pb.HealthReply(ready=self.loop is not None and self.loop.failure is None, group_id=self.config.group_id,
+                              role=self.config.role, tp=self.config.tp, epoch=self.config.epoch,
+                              running=s.running if s else 0, free_kv_blocks=s.free_blocks if s else 0)
+
+
+def error(kind: int, message: str, retry_after_s: float = 0.0) -> pb.Error:
+    return pb.Error(kind=kind, message=message, retry_after_s=retry_after_s)  # type: ignore[arg-type]
+
+
+def sampling_of(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                          seed=p.seed if p.has_seed else None, stop_token_ids=tuple(p.stop_token_ids),
+                          ignore_eos=p.ignore_eos)
