@@ -8,12 +8,25 @@ exit 2; nothing prints a stack trace for those.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from services.engine import cli as engine_cli
+
+# Modules that contribute subcommands, in the order `nitsum --help` lists them. Each is imported
+# lazily-cheap: a register() only declares arguments; heavy imports happen inside the commands.
+COMMAND_MODULES = (
+    "services.launch",  # up
+    "services.gateway.cli",  # gateway
+    "router.service_cli",  # router
+    "prefill_node.cli",  # prefill
+    "decode_node.cli",  # decode
+    "router.cli",  # sim, profile
+    "services.replay_cli",  # bench replay
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_cli.register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    plan = sub.add_parser("plan", help="inspect, explain and apply plans (slots cut into TP groups with roles)")
+    plan_sub = plan.add_subparsers(dest="plan_command", metavar="PLAN_COMMAND")
+    importlib.import_module("router.cli").register_plan(plan_sub)
     return parser
 
 
