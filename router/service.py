@@ -24,6 +24,7 @@ import grpc
 from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
 from services.cluster import ClusterClient, GroupRecord, QueueEntry
 from services.config import RouterConfig
+from services.metrics import RouterMetrics
 from services.rpc import pb, pb_grpc
 from services.tasks import TaskSet
 
@@ -51,6 +52,7 @@ class Router:
     _groups: list[GroupRecord] = field(default_factory=list)
     _groups_at: float = float("-inf")
     leading: bool = False
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
 
     async def run(self, stop: asyncio.Event) -> None:
         tiers = list(self.config.policy.names)
@@ -99,15 +101,19 @@ class Router:
 
     async def _schedule_once(self) -> None:
         groups = await self._groups_now()
+        start = time.perf_counter()
         decisions = schedule(self.snapshot(groups))
+        self.metrics.schedule_seconds.observe(time.perf_counter() - start)
         by_id = {g.group_id: g for g in groups}
         for shed in decisions.shed:
             entry = self.queued.pop(shed.request_id)
+            self.metrics.shed.labels(entry.tier).inc()
             err = pb.Error(kind=pb.OVERLOADED, message=shed.reason, retry_after_s=shed.retry_after_s)
             await self.cluster.emit(shed.request_id, pb.TokenEvent(error=err, time_s=time.time()))
             await self.cluster.ack(entry)
         for d in decisions.dispatch:
             entry = self.queued.pop(d.request_id)
+            self.metrics.dispatched.labels(entry.tier).inc()
             self.dispatching.add(d.request_id)
             self.tasks.spawn(self._dispatch(entry, by_id[d.prefill_group], by_id[d.decode_group]),
                              name=f"dispatch-{d.request_id}")
@@ -158,6 +164,7 @@ class Router:
             if leading != self.leading:
                 log.info("router %s %s", self.config.router_id, "leads" if leading else "stands by")
             self.leading = leading
+            self.metrics.leading.set(1 if leading else 0)
             await asyncio.sleep(ttl / 3000)
 
     async def _claim_stale(self, stop: asyncio.Event) -> None:

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-id", default=None, help="consumer name in the tier streams (default: host-pid)")
     p.add_argument("--claim-idle-ms", type=int, default=5000,
                    help="take over entries another router left pending this long")
+    p.add_argument("--host", default="127.0.0.1", help="address the /metrics server binds")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
                         policy=TierPolicy.load(args.tiers), claim_idle_ms=args.claim_idle_ms)
 
 
-async def serve(config: RouterConfig) -> int:
+async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0) -> int:
     from router.service import Router
     from services.cluster import ClusterClient
 
@@ -44,8 +46,13 @@ async def serve(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     cluster = ClusterClient(config.redis.url, config.redis.prefix)
+    router = Router(config, cluster)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, host, registry=router.metrics.registry)
     try:
-        await Router(config, cluster).run(stop)
+        await router.run(stop)
     finally:
         await cluster.close()
     return 0
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("router", explain(e))
     except ValueError as e:
         return fail("router", str(e))
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, args.host, args.metrics_port))
 
 
 def main(argv: list[str] | None = None) -> int:

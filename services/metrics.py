@@ -81,6 +81,21 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
+class RouterMetrics:
+    """The router-coordinator's decisions: what it dispatched, what it shed, how long it took."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.dispatched = Counter("nitsum_router_dispatched", "Requests dispatched to a prefill and a decode group",
+                                  ("tier",), registry=r)
+        self.shed = Counter("nitsum_router_shed", "Requests shed by admission control (answered 429)", ("tier",),
+                            registry=r)
+        self.schedule_seconds = Histogram("nitsum_router_schedule_seconds", "Time of one scheduling decision",
+                                          buckets=_TPOT_BUCKETS, registry=r)
+        self.leading = Gauge("nitsum_router_leading", "1 while this router holds the leader lock", registry=r)
+
+
 class NodeMetrics:
     """A group leader's own view: its group gauges plus engine and KV-transfer timings."""
 
