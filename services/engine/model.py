@@ -73,10 +73,14 @@ class Attention(nn.Module):
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Keys or values of whole blocks: cache [blocks, kvh, bs, d], tables [B, n] -> [B, kvh, n * bs, d]."""
-    g = cache[tables]  # [B, n, kvh, bs, d]
-    b, n, h, bs, d = g.shape
-    return g.transpose(1, 2).reshape(b, h, n * bs, d)
+    """Keys or values of whole blocks: cache [blocks, kvh, bs, d], tables [B, n] -> [B, kvh, n * bs, d].
+
+    Indexing a head-major view yields [kvh, B, n, bs, d] in one copy; merging n and bs and
+    swapping the first two dims are then views (SDPA takes the strides), where gathering
+    block-major first would need a second copy to bring the heads forward."""
+    g = cache.transpose(0, 1)[:, tables]
+    h, b, n, bs, d = g.shape
+    return g.view(h, b, n * bs, d).transpose(0, 1)
 
 
 class MLP(nn.Module):
