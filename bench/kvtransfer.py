@@ -8,9 +8,9 @@ Layout: one rank at TP 1, cache `[blocks, 12, 2, 4, 16, 64]` bf16 (196,608 bytes
 source and destination block ids are two random permutations, so neighbouring blocks almost never
 merge and the transfer is ~one descriptor per block. A send is timed from `send()` to the
 sender's DONE (the data has landed in the receiver's cache), after one untimed warm-up transfer
-that faults in the receiver's pages. Progress goes to stderr; the last line on stdout is one JSON
-object. Migration pauses belong to live migration, benchmarked separately: `migration_pause_steps`
-is left out here (the JSON's `not_measured` says so).
+that faults in the receiver's pages. Then the migration pause of a running request on the small
+model at each `--contexts` length (see `bench/migration.py`), in decode steps. Progress goes to
+stderr; the last line on stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.migration import DEFAULT_MODEL
+from bench.migration import measure as measure_pause
 from kvtransfer.agent import BlockTransferState, make_agent
 from kvtransfer.remap import BlockLayout, expand_plan, plan_transfer
 
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--backends", default="nixl,local")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout-s", type=float, default=120.0)
+    ap.add_argument("--contexts", default="256,2048,8192", help="migration pause at these context lengths")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="small-preset checkpoint for migration")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     out: dict[str, object] = {"model": "small", "block_bytes": SMALL.block_bytes,
@@ -164,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     nixl_big = nixl.get(big) if isinstance(nixl, dict) else None
     out["nixl_vs_memcpy"] = round(nixl_big / memcpy[big], 3) if isinstance(nixl_big, float) else None
     out["nixl_vs_memcpy_target"] = TARGET_NIXL_VS_MEMCPY
-    out["not_measured"] = ["migration_pause_steps: live migration is benchmarked by its own work, not here"]
+    log("migration pause ...")
+    migration = measure_pause(args.model, [int(c) for c in args.contexts.split(",")])
+    out["migration"] = migration
+    out["migration_pause_steps"] = migration["migration_pause_steps"]
     print(json.dumps(out))
     return out
 

@@ -50,13 +50,9 @@ def pause_at(src: LLMEngine, dst: LLMEngine, context: int) -> dict[str, float]:
             "tokens_in_pause": report.tokens_in_pause}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--contexts", default="256,2048,8192")
-    args = ap.parse_args(argv)
-    model = ensure_small(args.model)
-    contexts = [int(c) for c in args.contexts.split(",")]
+def measure(model: Path, contexts: list[int]) -> dict[str, object]:
+    """Pause figures for each context; `migration_pause_steps` is the largest, in decode steps."""
+    model = ensure_small(model)
     common = dict(model=str(model), max_num_seqs=4, max_num_batched_tokens=2048,
                   max_model_len=max(contexts) + 128, num_kv_blocks=(max(contexts) + 256) // 16 * 2)
     src = LLMEngine(EngineArgs(**common))  # type: ignore[arg-type]
@@ -67,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"context {c}: pause {row['pause_ms']:.2f} ms = {row['pause_steps']:.2f} decode steps "
               f"({row['precopy_rounds']} pre-copy rounds)", file=sys.stderr)
         rows.append(row)
-    print(json.dumps({"model_dir": str(model), "channel": "in-process", "contexts": rows,
-                      "migration_pause_steps": max(r["pause_steps"] for r in rows)}))
+    src.shutdown()
+    dst.shutdown()
+    return {"model_dir": str(model), "channel": "in-process", "contexts": rows,
+            "migration_pause_steps": max(r["pause_steps"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--contexts", default="256,2048,8192")
+    args = ap.parse_args(argv)
+    print(json.dumps(measure(args.model, [int(c) for c in args.contexts.split(",")])))
     return 0
 
 
