@@ -28,7 +28,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -116,6 +116,42 @@ class BlockTransfer(ABC):
         while not (state := self.poll()).finished:
             time.sleep(interval_s)
         return state
+
+
+class Arrivals(Protocol):
+    def arrived(self, transfer_id: str) -> bool | None:
+        """True once the sender said the data landed, False if it said it failed, else None."""
+
+
+class AwaitedReceive(BlockTransfer):
+    """The receiving side of a one-sided transfer: it only waits for the sender's word."""
+
+    def __init__(self, agent: Arrivals, transfer_id: str, timeout_s: float, broken: str) -> None:
+        self.agent, self.transfer_id = agent, transfer_id
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.broken = broken  # what a failure reported by the sender means on this backend
+        self.state = BlockTransferState.TRANSFERRING
+
+    def poll(self) -> BlockTransferState:
+        if self.state.finished:
+            return self.state
+        landed = self.agent.arrived(self.transfer_id)
+        if landed is True:
+            self.state = BlockTransferState.DONE
+        elif landed is False:
+            self._fail(self.broken)
+        elif time.monotonic() > self.deadline:
+            self._fail(f"timed out after {self.timeout_s:g}s")
+        return self.state
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        self.state = BlockTransferState.FAILED
+
+    def cancel(self) -> None:
+        if not self.state.finished:
+            self._fail("cancelled")
 
 
 class TransferGroup:

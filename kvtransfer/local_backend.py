@@ -26,7 +26,14 @@ from typing import cast
 import numpy as np
 import torch
 
-from .agent import AgentInfo, BlockTransfer, BlockTransferAgent, BlockTransferState, check_descriptors
+from .agent import (
+    AgentInfo,
+    AwaitedReceive,
+    BlockTransfer,
+    BlockTransferAgent,
+    BlockTransferState,
+    check_descriptors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +171,8 @@ class LocalAgent(BlockTransferAgent):
         self._sends.add(t)
         return t
 
-    def receive(self, transfer_id: str, timeout_s: float) -> LocalReceive:
-        return LocalReceive(self, transfer_id, timeout_s)
+    def receive(self, transfer_id: str, timeout_s: float) -> AwaitedReceive:
+        return AwaitedReceive(self, transfer_id, timeout_s, "the sender's stream broke off")
 
     @property
     def open_transfers(self) -> int:
@@ -256,31 +263,3 @@ class LocalSend(BlockTransfer):
     def cancel(self) -> None:
         if not self.state.finished:
             self._end("cancelled")
-
-
-class LocalReceive(BlockTransfer):
-    def __init__(self, agent: LocalAgent, transfer_id: str, timeout_s: float) -> None:
-        self.agent, self.transfer_id = agent, transfer_id
-        self.deadline = time.monotonic() + timeout_s
-        self.timeout_s = timeout_s
-        self.state = BlockTransferState.TRANSFERRING
-
-    def poll(self) -> BlockTransferState:
-        if self.state.finished:
-            return self.state
-        landed = self.agent.arrived(self.transfer_id)
-        if landed is True:
-            self.state = BlockTransferState.DONE
-        elif landed is False:
-            self._fail("the sender's stream broke off")
-        elif time.monotonic() > self.deadline:
-            self._fail(f"timed out after {self.timeout_s:g}s")
-        return self.state
-
-    def _fail(self, reason: str) -> None:
-        self.error = reason
-        self.state = BlockTransferState.FAILED
-
-    def cancel(self) -> None:
-        if not self.state.finished:
-            self._fail("cancelled")

@@ -40,6 +40,7 @@ import torch
 
 from .agent import (
     AgentInfo,
+    AwaitedReceive,
     BlockTransfer,
     BlockTransferAgent,
     BlockTransferState,
@@ -103,8 +104,8 @@ class NixlAgent(BlockTransferAgent):
         self._sends.add(t)
         return t
 
-    def receive(self, transfer_id: str, timeout_s: float) -> NixlReceive:
-        return NixlReceive(self, transfer_id, timeout_s)
+    def receive(self, transfer_id: str, timeout_s: float) -> AwaitedReceive:
+        return AwaitedReceive(self, transfer_id, timeout_s, 'the sender reported a failure')
 
     @property
     def open_transfers(self) -> int:
@@ -257,36 +258,6 @@ class NixlSend(BlockTransfer):
         elif self.peer in self.agent.peers:
             self.agent.notify(self.peer, _FAIL_TAG + self.transfer_id.encode())
         log.warning("kvtransfer %s -> %s failed: %s", self.transfer_id, self.peer, reason)
-
-    def cancel(self) -> None:
-        if not self.state.finished:
-            self._fail("cancelled")
-
-
-class NixlReceive(BlockTransfer):
-    """The receiving side: with one-sided writes it only waits for the sender's notification."""
-
-    def __init__(self, agent: NixlAgent, transfer_id: str, timeout_s: float) -> None:
-        self.agent, self.transfer_id = agent, transfer_id
-        self.deadline = time.monotonic() + timeout_s
-        self.timeout_s = timeout_s
-        self.state = BlockTransferState.TRANSFERRING
-
-    def poll(self) -> BlockTransferState:
-        if self.state.finished:
-            return self.state
-        landed = self.agent.arrived(self.transfer_id)
-        if landed is True:
-            self.state = BlockTransferState.DONE
-        elif landed is False:
-            self._fail("the sender reported a failure")
-        elif time.monotonic() > self.deadline:
-            self._fail(f"timed out after {self.timeout_s:g}s")
-        return self.state
-
-    def _fail(self, reason: str) -> None:
-        self.error = reason
-        self.state = BlockTransferState.FAILED
 
     def cancel(self) -> None:
         if not self.state.finished:

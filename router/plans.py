@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from router.scheduler import ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL
+from router.scheduler import ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL, role_does_decode, role_does_prefill
 
 ROLE_LETTERS = {"p": ROLE_PREFILL, "d": ROLE_DECODE, "c": ROLE_COLOCATED}
 LETTER_OF_ROLE = {v: k for k, v in ROLE_LETTERS.items()}
@@ -30,11 +30,11 @@ class Group:
 
     @property
     def does_prefill(self) -> bool:
-        return self.role in (ROLE_PREFILL, ROLE_COLOCATED)
+        return role_does_prefill(self.role)
 
     @property
     def does_decode(self) -> bool:
-        return self.role in (ROLE_DECODE, ROLE_COLOCATED)
+        return role_does_decode(self.role)
 
     def to_str(self) -> str:
         return f"{LETTER_OF_ROLE[self.role]}{self.tp}"

@@ -37,6 +37,14 @@ ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
 # A colocated group does both phases (the vLLM-like baseline); the live mesh uses the two above.
 ROLE_COLOCATED = "colocated"
+
+
+def role_does_prefill(role: str) -> bool:
+    return role in (ROLE_PREFILL, ROLE_COLOCATED)
+
+
+def role_does_decode(role: str) -> bool:
+    return role in (ROLE_DECODE, ROLE_COLOCATED)
 ORDERS = ("deadline", "priority", "fcfs")
 
 
@@ -67,11 +75,11 @@ class GroupState:
 
     @property
     def does_prefill(self) -> bool:
-        return self.role in (ROLE_PREFILL, ROLE_COLOCATED)
+        return role_does_prefill(self.role)
 
     @property
     def does_decode(self) -> bool:
-        return self.role in (ROLE_DECODE, ROLE_COLOCATED)
+        return role_does_decode(self.role)
 
 
 @dataclass(frozen=True)
