@@ -6,7 +6,9 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.cliutil import explain
 
 from .errors import ApiError, bad_request
 
@@ -71,6 +73,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @model_validator(mode="after")
+    def _content_where_required(self) -> ChatMessage:
+        # Only an assistant turn may omit content (OpenAI: it then carries tool calls instead).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
@@ -116,8 +125,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         first = e.errors()[0]
         param = ".".join(str(x) for x in first["loc"]) or None
         kind = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-        msg = f"{param}: {first['msg']}" if param else first["msg"]
-        raise ApiError(400, msg, "invalid_request_error", param, kind) from e
+        raise ApiError(400, explain(e), "invalid_request_error", param, kind) from e
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

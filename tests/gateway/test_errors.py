@@ -41,6 +41,9 @@ def test_missing_and_out_of_range_fields(gateway) -> None:  # type: ignore[no-un
         assert field in err["message"]
     _shape(client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}),
            400, "invalid_value")
+    err = _shape(client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]}),
+                 400, "invalid_value", "messages.0")
+    assert err["message"] == "messages.0: a user message needs 'content'"
 
 
 def test_unknown_model_is_404(gateway) -> None:  # type: ignore[no-untyped-def]
