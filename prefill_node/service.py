@@ -94,7 +94,8 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         first = out.new_token_ids[0]
         done = out.finish_reason in ("stop", "length", "abort")
         await self.cluster.emit(rid, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
-                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids)))
+                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids),
+                                                   next_group="" if done else request.decode_group))
         if done:
             return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
         return await self._hand_over(request, first, prefill_s)

@@ -60,19 +60,31 @@ class Upstream:
         last_id = "0-0"
         started = time.monotonic()
         seen_first = False
+        owner = ""  # the group now producing this request's events, once the prefill leader names it
         while True:
             limit = self.config.request_timeout_s if seen_first else self.config.first_event_timeout_s
             if time.monotonic() - started > limit:
                 raise timeout(f"request {request_id} got no {'end' if seen_first else 'first token'} "
                               f"within {limit:.0f}s")
-            for entry_id, event in await self.cluster.read_output(request_id, last_id, _READ_BLOCK_MS):
+            entries = await self.cluster.read_output(request_id, last_id, _READ_BLOCK_MS)
+            for entry_id, event in entries:
                 last_id = entry_id
                 if event.error.kind != pb.ERROR_KIND_UNSPECIFIED:
                     raise error_of(event.error, request_id)
                 seen_first = True
+                owner = event.next_group or owner
                 yield event
                 if event.finish_reason:
                     return
+            if not entries and owner:
+                await self._check_alive(owner, request_id)
+
+    async def _check_alive(self, group_id: str, request_id: str) -> None:
+        """A group whose lease expired will not send this request's remaining tokens: fail now
+        (503, retry) instead of leaving the client waiting for the request timeout."""
+        if all(g.group_id != group_id for g in await self.groups()):
+            raise unavailable(f"request {request_id}: group {group_id} stopped answering mid-request; "
+                              "retry the request", 1.0)
 
     def cancel(self, request_id: str) -> None:
         """Tell the router and the groups to drop the request (from a cancelled context: no await)."""

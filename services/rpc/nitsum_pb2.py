@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cnitsum.proto\x12\tnitsum.v1\"\xa3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\x85\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tarrival_s\x18\x03 \x01(\x01\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.nitsum.v1.SamplingParams\"S\n\x05\x45rror\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.nitsum.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"~\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x0e\n\x06time_s\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"x\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"}\n\x0cPrefillReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x80\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\"\x88\x01\n\x0fKVHandoffHeader\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.nitsum.v1.KVHandoffHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\x05KVAck\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error*v\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\x0e\n\nOVERLOADED\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xbd\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.nitsum.v1.PrefillRequest\x1a\x17.nitsum.v1.PrefillReply\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2}\n\x06\x44\x65\x63ode\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2>\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.nitsum.v1.KVChunk\x1a\x10.nitsum.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cnitsum.proto\x12\tnitsum.v1\"\xa3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\x85\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tarrival_s\x18\x03 \x01(\x01\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.nitsum.v1.SamplingParams\"S\n\x05\x45rror\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.nitsum.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\x92\x01\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x0e\n\x06time_s\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x12\n\nnext_group\x18\x06 \x01(\t\"x\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"}\n\x0cPrefillReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x80\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\"\x88\x01\n\x0fKVHandoffHeader\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.nitsum.v1.KVHandoffHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\x05KVAck\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error*v\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\x0e\n\nOVERLOADED\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xbd\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.nitsum.v1.PrefillRequest\x1a\x17.nitsum.v1.PrefillReply\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2}\n\x06\x44\x65\x63ode\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2>\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.nitsum.v1.KVChunk\x1a\x10.nitsum.v1.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nitsum_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORKIND']._serialized_start=1254
-  _globals['_ERRORKIND']._serialized_end=1372
+  _globals['_ERRORKIND']._serialized_start=1275
+  _globals['_ERRORKIND']._serialized_end=1393
   _globals['_SAMPLINGPARAMS']._serialized_start=28
   _globals['_SAMPLINGPARAMS']._serialized_end=191
   _globals['_QUEUEDREQUEST']._serialized_start=194
   _globals['_QUEUEDREQUEST']._serialized_end=327
   _globals['_ERROR']._serialized_start=329
   _globals['_ERROR']._serialized_end=412
-  _globals['_TOKENEVENT']._serialized_start=414
-  _globals['_TOKENEVENT']._serialized_end=540
-  _globals['_PREFILLREQUEST']._serialized_start=542
-  _globals['_PREFILLREQUEST']._serialized_end=662
-  _globals['_PREFILLREPLY']._serialized_start=664
-  _globals['_PREFILLREPLY']._serialized_end=789
-  _globals['_ABORTREQUEST']._serialized_start=791
-  _globals['_ABORTREQUEST']._serialized_end=825
-  _globals['_ABORTREPLY']._serialized_start=827
-  _globals['_ABORTREPLY']._serialized_end=854
-  _globals['_HEALTHREQUEST']._serialized_start=856
-  _globals['_HEALTHREQUEST']._serialized_end=871
-  _globals['_HEALTHREPLY']._serialized_start=874
-  _globals['_HEALTHREPLY']._serialized_end=1002
-  _globals['_KVHANDOFFHEADER']._serialized_start=1005
-  _globals['_KVHANDOFFHEADER']._serialized_end=1141
-  _globals['_KVCHUNK']._serialized_start=1143
-  _globals['_KVCHUNK']._serialized_end=1210
-  _globals['_KVACK']._serialized_start=1212
-  _globals['_KVACK']._serialized_end=1252
-  _globals['_PREFILL']._serialized_start=1375
-  _globals['_PREFILL']._serialized_end=1564
-  _globals['_DECODE']._serialized_start=1566
-  _globals['_DECODE']._serialized_end=1691
-  _globals['_KVTRANSFER']._serialized_start=1693
-  _globals['_KVTRANSFER']._serialized_end=1755
+  _globals['_TOKENEVENT']._serialized_start=415
+  _globals['_TOKENEVENT']._serialized_end=561
+  _globals['_PREFILLREQUEST']._serialized_start=563
+  _globals['_PREFILLREQUEST']._serialized_end=683
+  _globals['_PREFILLREPLY']._serialized_start=685
+  _globals['_PREFILLREPLY']._serialized_end=810
+  _globals['_ABORTREQUEST']._serialized_start=812
+  _globals['_ABORTREQUEST']._serialized_end=846
+  _globals['_ABORTREPLY']._serialized_start=848
+  _globals['_ABORTREPLY']._serialized_end=875
+  _globals['_HEALTHREQUEST']._serialized_start=877
+  _globals['_HEALTHREQUEST']._serialized_end=892
+  _globals['_HEALTHREPLY']._serialized_start=895
+  _globals['_HEALTHREPLY']._serialized_end=1023
+  _globals['_KVHANDOFFHEADER']._serialized_start=1026
+  _globals['_KVHANDOFFHEADER']._serialized_end=1162
+  _globals['_KVCHUNK']._serialized_start=1164
+  _globals['_KVCHUNK']._serialized_end=1231
+  _globals['_KVACK']._serialized_start=1233
+  _globals['_KVACK']._serialized_end=1273
+  _globals['_PREFILL']._serialized_start=1396
+  _globals['_PREFILL']._serialized_end=1585
+  _globals['_DECODE']._serialized_start=1587
+  _globals['_DECODE']._serialized_end=1712
+  _globals['_KVTRANSFER']._serialized_start=1714
+  _globals['_KVTRANSFER']._serialized_end=1776
 # @@protoc_insertion_point(module_scope)

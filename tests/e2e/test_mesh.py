@@ -168,6 +168,29 @@ def test_503_while_no_decode_group_is_ready_then_recovers(mesh: Mesh) -> None:
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_decode_group_dying_mid_decode_fails_the_request_fast(mesh: Mesh) -> None:
+    """Tokens are streaming from the decode group when it hangs: the client gets an error once the
+    group's lease expires, not a wait for the 600 s request timeout."""
+    client = _client(mesh)
+    stream = client.completions.create(model="tiny", prompt="hello", max_tokens=450, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    for _ in range(5):  # the first comes from prefill, the rest from the decode group
+        next(chunks)
+    with paused(mesh, "d0-r0"):
+        paused_at = time.monotonic()
+        with pytest.raises(openai.APIError) as e:
+            for _ in chunks:
+                pass
+        waited = time.monotonic() - paused_at
+    assert "d0 stopped answering" in str(e.value.message)
+    assert waited < 15, f"took {waited:.1f}s"
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{mesh.url}/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def _decode_group(mesh: Mesh) -> dict[str, float]:
     import redis
     r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
