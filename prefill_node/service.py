@@ -77,6 +77,11 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         q, rid = request.request, request.request.request_id
         if await self.cluster.is_cancelled(rid):
             return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled before prefill"))
+        if not await self.cluster.claim_prefill(rid, self.config.group_id):
+            # Dispatched twice (a router died mid-dispatch): the first dispatch serves it; this
+            # one must not touch the request's stream.
+            log.info("request %s was already taken by a prefill group; dropping the duplicate", rid)
+            return pb.PrefillReply(error=error(pb.CANCELLED, "duplicate dispatch"))
         started = time.perf_counter()
         waiter: asyncio.Future[RequestOutput | None] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = waiter

@@ -137,6 +137,12 @@ class ClusterClient:
         await self.redis.set(self.keys.cancelled(request_id), b"1", px=CANCEL_TTL_MS)
         await self.redis.publish(self.keys.cancel_channel, request_id.encode())
 
+    async def claim_prefill(self, request_id: str, group_id: str) -> bool:
+        """True for the first prefill group to take this request. A router that died mid-dispatch
+        leaves its entry to be claimed and dispatched again; this keeps the request served once."""
+        return bool(await self.redis.set(self.keys.prefill_claim(request_id), group_id.encode(), nx=True,
+                                         px=CANCEL_TTL_MS))
+
     async def is_cancelled(self, request_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.cancelled(request_id)))
 

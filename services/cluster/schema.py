@@ -25,6 +25,9 @@ class Keys:
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}cancelled:{request_id}"
 
+    def prefill_claim(self, request_id: str) -> str:
+        return f"{self.prefix}prefill:{request_id}"
+
     @property
     def cancel_channel(self) -> str:
         return f"{self.prefix}cancel"

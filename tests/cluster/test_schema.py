@@ -132,6 +132,16 @@ def test_cancel_is_seen_live_and_later(redis_server: RedisServer) -> None:
     run(body())
 
 
+def test_only_the_first_prefill_claim_of_a_request_wins(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        c = await _client(redis_server)
+        assert await c.claim_prefill("q1", "p0")
+        assert not await c.claim_prefill("q1", "p1")  # a second dispatch, to any group
+        assert await c.claim_prefill("q2", "p1")
+        await c.close()
+    run(body())
+
+
 def test_plan_roundtrip(redis_server: RedisServer) -> None:
     async def body() -> None:
         c = await _client(redis_server)

@@ -191,6 +191,32 @@ def test_decode_group_dying_mid_decode_fails_the_request_fast(mesh: Mesh) -> Non
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def _group_address(mesh: Mesh, group_id: str) -> str:
+    import redis
+    r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
+    try:
+        return str(r.hget(f"{mesh.config.redis_prefix}group:{group_id}", "address"))
+    finally:
+        r.close()
+
+
+def test_a_second_dispatch_of_a_request_is_dropped(mesh: Mesh) -> None:
+    """A router that dies mid-dispatch leaves its entry to be dispatched again: the prefill group
+    must not run (and stream) the request a second time."""
+    import grpc
+
+    from services.rpc import pb, pb_grpc
+
+    reply = _client(mesh).completions.create(model="tiny", prompt="once", max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+    again = pb.PrefillRequest(request=pb.QueuedRequest(request_id=reply.id, tier="standard", prompt_ids=[1, 2, 3],
+                                                       sampling=pb.SamplingParams(max_tokens=3, top_p=1.0)),
+                              decode_group="d0", decode_address=_group_address(mesh, "d0"))
+    with grpc.insecure_channel(_group_address(mesh, "p0")) as channel:
+        answer = pb_grpc.PrefillStub(channel).Prefill(again, timeout=30)
+    assert answer.error.kind == pb.CANCELLED and "duplicate" in answer.error.message
+
+
 def _decode_group(mesh: Mesh) -> dict[str, float]:
     import redis
     r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
