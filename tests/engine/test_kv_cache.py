@@ -57,7 +57,7 @@ def test_stop_tokens_and_logprobs(llama_dir, reference) -> None:
     assert all(o.logprobs and o.logprobs[0] <= 0.0 for o in outs)
 
 
-@pytest.mark.parametrize(("tp_prefill", "tp_decode"), [(1, 1), (2, 1), (1, 4)])
+@pytest.mark.parametrize(("tp_prefill", "tp_decode"), [(1, 1), (2, 1), (1, 4), (4, 1), (2, 4)])
 def test_prefill_only_hand_off_resumes_exactly(llama_dir, reference, tp_prefill, tp_decode) -> None:
     """Prefill on one engine, move the KV with export_kv/add_prefilled, decode on another."""
     prefill = LLMEngine(EngineArgs(model=str(llama_dir), tp=tp_prefill))
