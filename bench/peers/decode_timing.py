@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import random
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # Ids below this are left out of prompts: Llama-style vocabularies keep special tokens there.
 FIRST_PROMPT_ID = 3
@@ -139,3 +141,20 @@ def parse_batches(text: str) -> list[int]:
     if not batches or min(batches) < 1:
         raise ValueError(f"--batches wants positive integers like 1,8,32,64, got {text!r}")
     return batches
+
+
+WARMUP_TOKENS = 4
+
+
+def measure_batches(subject: str, run: Callable[[list[list[int]], int, str], RunFigures], batches: Sequence[int],
+                    max_tokens: int, prompt_len: int, vocab: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Per-batch figures for one subject: a short untimed warm-up run on other prompts, then the
+    median of `repeats` timed runs. `run(prompts, max_tokens, tag)` decodes one batch."""
+    per_batch: dict[str, Any] = {}
+    for batch in batches:
+        run(make_prompts(batch, prompt_len, vocab, seed + 1000 + batch), WARMUP_TOKENS, f"w{batch}")
+        prompts = make_prompts(batch, prompt_len, vocab, seed + batch)
+        runs = [run(prompts, max_tokens, f"b{batch}r{r}") for r in range(repeats)]
+        per_batch[str(batch)] = figures = batch_figures(runs)
+        print(progress_line(subject, batch, figures), file=sys.stderr, flush=True)
+    return per_batch

@@ -7,20 +7,15 @@ prompts, token counts, warm-up and repeats as the other peers (see `decode_timin
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
 from bench.peers.decode_timing import (
     RunFigures,
     TokenEvent,
-    batch_figures,
-    make_prompts,
-    progress_line,
+    measure_batches,
     summarize,
 )
-
-WARMUP_TOKENS = 4
 
 
 def load_engine(model_dir: str, dtype: str, max_num_seqs: int) -> Any:
@@ -45,23 +40,7 @@ def run_once(engine: Any, prompts: list[list[int]], max_tokens: int, tag: str) -
     return summarize(events, t0, len(prompts), max_tokens)
 
 
-def measure(
-    engine: Any,
-    batches: list[int],
-    max_tokens: int,
-    prompt_len: int,
-    vocab: int,
-    repeats: int = 3,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Per-batch figures: a short warm-up run, then the median of `repeats` timed runs."""
-    per_batch: dict[str, Any] = {}
-    for batch in batches:
-        run_once(
-            engine, make_prompts(batch, prompt_len, vocab, seed + 1000 + batch), WARMUP_TOKENS, f"w{batch}"
-        )
-        prompts = make_prompts(batch, prompt_len, vocab, seed + batch)
-        runs = [run_once(engine, prompts, max_tokens, f"b{batch}r{r}") for r in range(repeats)]
-        per_batch[str(batch)] = figures = batch_figures(runs)
-        print(progress_line("nitsum", batch, figures), file=sys.stderr, flush=True)
-    return per_batch
+def measure(engine: Any, batches: list[int], max_tokens: int, prompt_len: int, vocab: int, repeats: int = 3,
+            seed: int = 0) -> dict[str, Any]:
+    return measure_batches("nitsum", lambda prompts, n, tag: run_once(engine, prompts, n, tag), batches,
+                           max_tokens, prompt_len, vocab, repeats, seed)

@@ -26,15 +26,11 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from bench.peers.decode_timing import (
     RunFigures,
     TokenEvent,
-    batch_figures,
-    make_prompts,
+    measure_batches,
     parse_batches,
-    progress_line,
     prompt_vocab,
     summarize,
 )
-
-WARMUP_TOKENS = 4
 
 
 class StepClock(StoppingCriteria):
@@ -78,24 +74,10 @@ def run_once(model: Any, prompts: list[list[int]], max_tokens: int) -> RunFigure
     return summarize(clock.events, t0, len(prompts), max_tokens)
 
 
-def measure(
-    model: Any,
-    batches: list[int],
-    max_tokens: int,
-    prompt_len: int,
-    vocab: int,
-    repeats: int = 3,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Per-batch figures: a short warm-up run, then the median of `repeats` timed runs."""
-    per_batch: dict[str, Any] = {}
-    for batch in batches:
-        run_once(model, make_prompts(batch, prompt_len, vocab, seed + 1000 + batch), WARMUP_TOKENS)
-        prompts = make_prompts(batch, prompt_len, vocab, seed + batch)
-        runs = [run_once(model, prompts, max_tokens) for _ in range(repeats)]
-        per_batch[str(batch)] = figures = batch_figures(runs)
-        print(progress_line("transformers", batch, figures), file=sys.stderr, flush=True)
-    return per_batch
+def measure(model: Any, batches: list[int], max_tokens: int, prompt_len: int, vocab: int, repeats: int = 3,
+            seed: int = 0) -> dict[str, Any]:
+    return measure_batches("transformers", lambda prompts, n, _tag: run_once(model, prompts, n), batches,
+                           max_tokens, prompt_len, vocab, repeats, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,16 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_timing import (  # noqa: E402
     RunFigures,
     TokenEvent,
-    batch_figures,
-    make_prompts,
+    measure_batches,
     parse_batches,
-    progress_line,
     prompt_vocab,
     summarize,
 )
 from vllm_env import PRELOADED_FLAG, missing_preloads, vllm_env  # noqa: E402
-
-WARMUP_TOKENS = 4
 
 
 def log(msg: str) -> None:
@@ -105,15 +101,8 @@ def run_once(llm: Any, prompts: list[list[int]], max_tokens: int) -> RunFigures:
 
 
 def measure(llm: Any, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
-    per_batch: dict[str, Any] = {}
-    for batch in args.batches:
-        warm = make_prompts(batch, args.prompt_len, vocab, seed=args.seed + 1000 + batch)
-        run_once(llm, warm, WARMUP_TOKENS)
-        prompts = make_prompts(batch, args.prompt_len, vocab, seed=args.seed + batch)
-        runs = [run_once(llm, prompts, args.max_tokens) for _ in range(args.repeats)]
-        per_batch[str(batch)] = figures = batch_figures(runs)
-        print(progress_line("vllm-peer", batch, figures), file=sys.stderr, flush=True)
-    return per_batch
+    return measure_batches("vllm-peer", lambda prompts, n, _tag: run_once(llm, prompts, n), args.batches,
+                           args.max_tokens, args.prompt_len, vocab, args.repeats, args.seed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
