@@ -234,7 +234,7 @@ class LLMEngine:
         seq = self.seqs[request_id]
         if seq.status is not SeqStatus.RECEIVING:
             raise EngineError(f"request {request_id!r} is not receiving KV")
-        if not self.scheduler._grow(seq, start + kv.num_tokens + 1):
+        if not self.scheduler.grow(seq, start + kv.num_tokens + 1):
             raise EngineError("no free KV blocks to receive this request now")
         slots = self._slots(seq, start, start + kv.num_tokens)
         full = torch.stack((kv.k, kv.v), dim=1)
@@ -250,7 +250,7 @@ class LLMEngine:
         seq.token_ids = seq.token_ids[: seq.prompt_len] + list(output_ids)
         if num_computed != len(seq.token_ids) - 1:
             raise EngineError(f"KV for {num_computed} tokens does not match {len(seq.token_ids)} tokens so far")
-        if not self.scheduler._grow(seq, num_computed + 1):
+        if not self.scheduler.grow(seq, num_computed + 1):
             raise EngineError("no free KV blocks to receive this request now")
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)

@@ -28,7 +28,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues find and remove a sequence without comparing its tokens
 class Sequence:
     request_id: str
     token_ids: list[int]
@@ -93,7 +93,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` blocks for `num_tokens` tokens; False (nothing allocated) if too few are free."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True
@@ -120,7 +121,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            while not self._grow(seq, seq.num_computed + n):
+            while not self.grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -131,7 +132,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            if not self.grow(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
