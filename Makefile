@@ -24,7 +24,7 @@ test: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/nitsum up $(SERVE_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff and mypy, as CI runs them
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy services router prefill_node decode_node kvtransfer bench
 
