@@ -11,25 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import grpc
 
-from kvtransfer.base import KVHandoff
-from kvtransfer.grpc_backend import GrpcKVReceiver
+from kvtransfer.base import KVHandoff, TransferState
+from kvtransfer.grpc_backend import GrpcKVBackend, GrpcKVReceiver
 from services.config import NodeConfig
 from services.engine import BadRequestError, EngineError, RequestOutput
+from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("nitsum.decode")
 
 
+@dataclass
+class DrainReport:
+    finished: int = 0  # requests that finished here during the drain
+    migrated: int = 0  # requests handed to a decode group that stays
+    parked: list[KVHandoff] = field(default_factory=list)  # taken out, waiting for the next epoch
+
+
 class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
-    def __init__(self, config: NodeConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
+        super().__init__(config, metrics)
         self.receiver = GrpcKVReceiver(self._admit)
+        self.admitting = True  # False once a reconfiguration drains this group
         self._active: set[str] = set()
-        self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]]] = asyncio.Queue()
+        self._requests: dict[str, pb.QueuedRequest] = {}
+        self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]] | asyncio.Future[None]] = asyncio.Queue()
+        self._sender: GrpcKVBackend | None = None
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(self, server)
@@ -37,23 +49,28 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self.tasks.spawn(self._write_events(), name="event-writer")
 
     async def close(self) -> None:
-        return None
+        if self._sender is not None:
+            await self._sender.close()
 
     async def _admit(self, handoff: KVHandoff) -> pb.Error | None:
         assert self.loop is not None and self.engine is not None
         q = handoff.request
         self.metrics.kv_transfer_bytes.labels("received").inc(handoff.kv.k.numel() * handoff.kv.k.element_size() * 2)
+        if not self.admitting:
+            return error(pb.OVERLOADED, f"decode group {self.config.group_id} is being reconfigured",
+                         retry_after_s=0.5)
         if await self.cluster.is_cancelled(q.request_id):
             return error(pb.CANCELLED, "cancelled before decode")
         self._active.add(q.request_id)  # before the engine can emit its first decode step
+        self._requests[q.request_id] = q
         try:
             await self.loop.call(self.engine.add_prefilled, q.request_id, list(q.prompt_ids), list(handoff.output_ids),
                                  handoff.kv, sampling_of(q.sampling))
         except BadRequestError as e:
-            self._active.discard(q.request_id)
+            self._forget(q.request_id)
             return error(pb.BAD_REQUEST, str(e))
         except EngineError as e:
-            self._active.discard(q.request_id)
+            self._forget(q.request_id)
             return error(pb.OVERLOADED, f"decode group {self.config.group_id}: {e}", retry_after_s=1.0)
         # A cancel published while the KV was in flight was missed by the live feed: check again.
         if await self.cluster.is_cancelled(q.request_id):
@@ -67,28 +84,110 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
             if out.request_id not in self._active:
                 continue
             if out.finished:
-                self._active.discard(out.request_id)
-            batch.append((out.request_id, pb.TokenEvent(token_ids=out.new_token_ids,
-                                                        finish_reason=out.finish_reason or "", time_s=now)))
+                self._forget(out.request_id)
+            # next_group names this group on every event: after a migration the gateway follows
+            # the group that now produces the request's tokens.
+            batch.append((out.request_id, pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+                                                        time_s=now, next_group=self.config.group_id)))
         if batch:
             self._outbox.put_nowait(batch)
+
+    def _forget(self, request_id: str) -> None:
+        self._active.discard(request_id)
+        self._requests.pop(request_id, None)
 
     async def _write_events(self) -> None:
         """One writer keeps each request's events in step order."""
         while True:
-            batch = await self._outbox.get()
-            while not self._outbox.empty():
-                batch.extend(self._outbox.get_nowait())
+            item = await self._outbox.get()
+            batch: list[tuple[str, pb.TokenEvent]] = []
+            flushed: list[asyncio.Future[None]] = []
+            while True:
+                if isinstance(item, asyncio.Future):
+                    flushed.append(item)
+                else:
+                    batch.extend(item)
+                if self._outbox.empty():
+                    break
+                item = self._outbox.get_nowait()
             try:
-                await self.cluster.emit_many(batch)
+                if batch:
+                    await self.cluster.emit_many(batch)
             except Exception:
                 log.exception("could not write %d token events", len(batch))
+            for f in flushed:
+                if not f.done():
+                    f.set_result(None)
+
+    async def flush_events(self) -> None:
+        """Return once every event of the steps run so far is in Redis."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait(done)
+        await done
+
+    # ---- reconfiguration -------------------------------------------------------------------
+    async def drain(self, finish_within: int, targets: list[tuple[str, str]], wait_s: float) -> DrainReport:
+        """Empty this group for a reconfiguration. No new KV is admitted; a request within
+        `finish_within` tokens of its end finishes here; every other one is taken out (KV of all
+        its tokens, its generated ids and sampler state) and handed to one of `targets` (decode
+        groups that stay: (group_id, address)), or returned as parked when none takes it, for the
+        next epoch's decode groups. Its stream continues without a repeated or lost token: the
+        events of the steps run here are written before the KV leaves."""
+        assert self.loop is not None and self.engine is not None
+        engine = self.engine
+        self.admitting = False
+        report = DrainReport()
+        ids = list(self._active)
+        left = await self.loop.call(lambda: {r: engine.remaining_tokens(r) for r in ids if r in engine.seqs})
+        taken = await self._take_out([r for r, n in left.items() if n > finish_within])
+        deadline = time.monotonic() + wait_s
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        taken += await self._take_out(list(self._active))  # overran the wait: move them too
+        report.finished = len(left) - len(taken)
+        await self.flush_events()
+        for handoff in taken:
+            if await self._send_to(handoff, targets):
+                report.migrated += 1
+            else:
+                report.parked.append(handoff)
+        return report
+
+    async def _take_out(self, ids: list[str]) -> list[KVHandoff]:
+        assert self.loop is not None and self.engine is not None
+        out = []
+        for rid in ids:
+            q = self._requests.get(rid)
+            if q is None or rid not in self._active:
+                continue
+            try:
+                output_ids, kv = await self.loop.call(self.engine.take_out, rid)
+            except EngineError:  # not running this step (e.g. preempted): it finishes here
+                continue
+            self._forget(rid)
+            out.append(KVHandoff(q, tuple(output_ids), kv, self.config.epoch))
+        return out
+
+    async def _send_to(self, handoff: KVHandoff, targets: list[tuple[str, str]]) -> bool:
+        """Hand one taken-out request to the first target that admits it."""
+        if self._sender is None:
+            self._sender = GrpcKVBackend(self.config.kv_chunk_bytes)
+        for group_id, address in targets:
+            sender = self._sender.sender(address)
+            sender.send(handoff)
+            if await sender.wait() is TransferState.DONE:
+                log.info("migrated %s to %s (%d tokens of KV)", handoff.request.request_id, group_id,
+                         handoff.kv.num_tokens)
+                await self.cluster.emit(handoff.request.request_id,
+                                        pb.TokenEvent(time_s=time.time(), next_group=group_id))
+                return True
+        return False
 
     async def on_cancel(self, request_id: str) -> None:
         if request_id not in self._active:
             return
         assert self.loop is not None and self.engine is not None
-        self._active.discard(request_id)
+        self._forget(request_id)
         await self.loop.call(self.engine.abort, request_id)
         self.metrics.aborted.inc()
         self.aborted += 1

@@ -19,6 +19,7 @@ from kvtransfer.base import KVHandoff, TransferState
 from kvtransfer.grpc_backend import GrpcKVBackend
 from services.config import NodeConfig
 from services.engine import BadRequestError, RequestOutput
+from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
 from services.rpc import pb, pb_grpc
 
@@ -26,10 +27,11 @@ log = logging.getLogger("nitsum.prefill")
 
 
 class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
-    def __init__(self, config: NodeConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
+        super().__init__(config, metrics)
         self.kv = GrpcKVBackend(self.config.kv_chunk_bytes)
         self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
+        self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-over)
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_PrefillServicer_to_server(self, server)
@@ -64,6 +66,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:  # noqa: N802
         q = request.request
+        self._in_flight += 1
         try:
             return await self._prefill(request)
         except Exception:
@@ -71,6 +74,18 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
             e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
             await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time()))
             return pb.PrefillReply(error=e)
+        finally:
+            self._in_flight -= 1
+
+    async def drain(self, wait_s: float) -> int:
+        """For a reconfiguration: wait (up to `wait_s`) until every prompt given to this group has
+        been answered and its KV handed over; the router sends no new ones. Returns how many were
+        still in flight when the wait began."""
+        pending = self._in_flight
+        deadline = time.monotonic() + wait_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return pending
 
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None

@@ -53,6 +53,10 @@ class Router:
     _groups_at: float = float("-inf")
     leading: bool = False
     metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    # Reconfiguration (router/orchestrator.py): groups being re-cut get no new work, and groups of
+    # an epoch newer than `epoch` get none until every group of that epoch is ready.
+    frozen: set[str] = field(default_factory=set)
+    epoch: int | None = None  # None: route to every registered group (static groups)
 
     async def run(self, stop: asyncio.Event) -> None:
         tiers = list(self.config.policy.names)
@@ -94,10 +98,35 @@ class Router:
                                      e.request.sampling.max_tokens) for rid, e in self.queued.items())
         states = []
         for g in groups:
+            if not self.routable(g):
+                continue
             extra = self.inflight.get(g.group_id, InFlight())
             states.append(GroupState(g.group_id, g.role, g.tp, max(0, g.free_kv_blocks - extra.blocks), g.block_size,
                                      g.running + extra.requests, g.max_running, queued_tokens=g.queued_tokens + extra.tokens))
         return SchedulerSnapshot(now_s=time.time(), tiers=self.config.policy.tiers, queued=queued, groups=tuple(states))
+
+    def routable(self, g: GroupRecord) -> bool:
+        return g.group_id not in self.frozen and (self.epoch is None or g.epoch <= self.epoch)
+
+    # ---- what the orchestrator drives (router.orchestrator.RoutingControl) -----------------------
+    def freeze(self, group_ids: set[str]) -> None:
+        self.frozen |= group_ids
+
+    def unfreeze(self, group_ids: set[str]) -> None:
+        self.frozen -= group_ids
+        self._groups_at = float("-inf")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._groups_at = float("-inf")
+
+    async def wait_idle(self, group_ids: set[str], timeout_s: float) -> None:
+        """Until no dispatch this router started is still with one of `group_ids`."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.inflight.get(g, InFlight()).requests for g in group_ids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dispatches to {sorted(group_ids)} did not finish within {timeout_s:.0f}s")
+            await asyncio.sleep(0.005)
 
     async def _schedule_once(self) -> None:
         groups = await self._groups_now()
@@ -112,21 +141,26 @@ class Router:
             await self.cluster.emit(shed.request_id, pb.TokenEvent(error=err, time_s=time.time()))
             await self.cluster.ack(entry)
         for d in decisions.dispatch:
+            prefill, decode = by_id[d.prefill_group], by_id[d.decode_group]
+            if not (self.routable(prefill) and self.routable(decode)):
+                continue  # frozen for a reconfiguration since the snapshot (the awaits above): stays queued
             entry = self.queued.pop(d.request_id)
             self.metrics.dispatched.labels(entry.tier).inc()
             self.dispatching.add(d.request_id)
-            self.tasks.spawn(self._dispatch(entry, by_id[d.prefill_group], by_id[d.decode_group]),
-                             name=f"dispatch-{d.request_id}")
+            # The load is counted before the task starts, so `wait_idle` never misses a dispatch.
+            q = entry.request
+            blocks = math.ceil((len(q.prompt_ids) + q.sampling.max_tokens) / max(1, decode.block_size))
+            p_load = self.inflight.setdefault(prefill.group_id, InFlight())
+            d_load = self.inflight.setdefault(decode.group_id, InFlight())
+            p_load.requests += 1
+            p_load.tokens += len(q.prompt_ids)
+            d_load.requests += 1
+            d_load.blocks += blocks
+            self.tasks.spawn(self._dispatch(entry, prefill, decode, p_load, d_load, blocks), name=f"dispatch-{d.request_id}")
 
-    async def _dispatch(self, entry: QueueEntry, prefill: GroupRecord, decode: GroupRecord) -> None:
+    async def _dispatch(self, entry: QueueEntry, prefill: GroupRecord, decode: GroupRecord, p_load: InFlight,
+                        d_load: InFlight, blocks: int) -> None:
         q = entry.request
-        blocks = math.ceil((len(q.prompt_ids) + q.sampling.max_tokens) / max(1, decode.block_size))
-        p_load = self.inflight.setdefault(prefill.group_id, InFlight())
-        d_load = self.inflight.setdefault(decode.group_id, InFlight())
-        p_load.requests += 1
-        p_load.tokens += len(q.prompt_ids)
-        d_load.requests += 1
-        d_load.blocks += blocks
         try:
             reply = await self._stub(prefill.address).Prefill(
                 pb.PrefillRequest(request=q, decode_group=decode.group_id, decode_address=decode.address,

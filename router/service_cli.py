@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import socket
+from typing import Any
 
 from pydantic import ValidationError
 
 from services.cliutil import explain, fail, setup_logging
 from services.config import RedisSettings, RouterConfig, TierPolicy
+
+log = logging.getLogger("nitsum.router")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="take over entries another router left pending this long")
     p.add_argument("--host", default="127.0.0.1", help="address the /metrics server binds")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="serve the admin API (/admin/plan, and /metrics) on this port (0: off)")
+    p.add_argument("--admin-key", default=os.environ.get("NITSUM_ADMIN_KEY", ""),
+                   help="key the admin API requires (default: $NITSUM_ADMIN_KEY; empty: admin calls refused)")
+    p.add_argument("--no-orchestrate", action="store_true",
+                   help="do not apply the plan stored in Redis to the slots (static prefill/decode groups only)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +48,12 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
                         policy=TierPolicy.load(args.tiers), claim_idle_ms=args.claim_idle_ms)
 
 
-async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0) -> int:
+async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0, admin_port: int = 0,
+                admin_key: str = "", orchestrate: bool = True) -> int:
+    from router.orchestrator import Orchestrator
     from router.service import Router
     from services.cluster import ClusterClient
+    from services.tasks import TaskSet
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -47,15 +61,57 @@ async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int
         loop.add_signal_handler(sig, stop.set)
     cluster = ClusterClient(config.redis.url, config.redis.prefix)
     router = Router(config, cluster)
+    orchestrator = Orchestrator(cluster, router)
+    orchestrator.on_report.append(router.metrics.observe_reconfig)
+    tasks = TaskSet("router-main")
     if metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, host, registry=router.metrics.registry)
+    if admin_port:
+        tasks.spawn(_serve_admin(orchestrator, router, host, admin_port, admin_key, stop), name="admin")
+    if orchestrate:
+        tasks.spawn(_bootstrap(orchestrator, router, stop), name="bootstrap")
     try:
         await router.run(stop)
     finally:
+        await tasks.cancel_all()
+        await orchestrator.close()
         await cluster.close()
     return 0
+
+
+async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event) -> None:
+    """Once this router leads: bring the slots to the plan stored in Redis (retrying on failure)."""
+    while not stop.is_set():
+        if not router.leading:
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            report = await orchestrator.bootstrap()
+        except Exception:
+            log.exception("could not bring the slots to the stored plan; retrying")
+            await asyncio.sleep(2.0)
+            continue
+        if report is None or report.result != "failed":
+            return
+        await asyncio.sleep(2.0)
+
+
+async def _serve_admin(orchestrator: Any, router: Any, host: str, port: int, key: str, stop: asyncio.Event) -> None:
+    import uvicorn
+
+    from router.admin import build_app
+
+    app = build_app(orchestrator, router.metrics, key, lambda: router.leading)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the router owns SIGTERM/SIGINT
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        await stop.wait()
+    finally:
+        server.should_exit = True
+        await asyncio.wait([serving], timeout=5.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("router", explain(e))
     except ValueError as e:
         return fail("router", str(e))
-    return asyncio.run(serve(config, args.host, args.metrics_port))
+    return asyncio.run(serve(config, args.host, args.metrics_port, args.admin_port, args.admin_key,
+                             not args.no_orchestrate))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "router.service_cli",  # router
     "prefill_node.cli",  # prefill
     "decode_node.cli",  # decode
+    "services.node.slot_cli",  # slot
     "router.cli",  # sim, profile
     "services.replay_cli",  # bench replay
 )
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="inspect, explain and apply plans (slots cut into TP groups with roles)")
     plan_sub = plan.add_subparsers(dest="plan_command", metavar="PLAN_COMMAND")
     importlib.import_module("router.cli").register_plan(plan_sub)
+    importlib.import_module("router.plan_cli").register(plan_sub)
     return parser
 
 

@@ -42,6 +42,8 @@ class LaunchConfig(BaseModel):
     startup_timeout_s: float = Field(default=180.0, gt=0)
     max_num_seqs: int = Field(default=64, ge=1)
     device: str = "cpu"
+    admin_port: int | None = Field(default=None, ge=0, le=65535)  # None: --port + 1; 0: a free port
+    admin_key: str = ""  # "" : $NITSUM_ADMIN_KEY, else a random one (written to .nitsum/admin-key)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,19 @@ def plan_groups(text: str, slots: int | None) -> list[GroupSpec]:
     return groups
 
 
+def admin_key(path: Path = Path(".nitsum/admin-key")) -> str:
+    """$NITSUM_ADMIN_KEY, else the key in .nitsum/admin-key (made once, readable by this user only)."""
+    if os.environ.get("NITSUM_ADMIN_KEY"):
+        return os.environ["NITSUM_ADMIN_KEY"]
+    if not path.is_file():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def ensure_model(model: Path | None) -> Path:
     if model is not None:
         if not (model / "config.json").is_file():
@@ -89,8 +104,14 @@ class Mesh:
     redis: RedisServer | None = None
     redis_url: str = ""
     port: int = 0
+    admin_port: int = 0
+    admin_key: str = ""
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     log_dir: Path = Path(".")
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.host}:{self.admin_port}"
 
     @property
     def url(self) -> str:
@@ -106,10 +127,15 @@ class Mesh:
             if c.redis_url is None:
                 self.redis = start_redis_server(c.host)
             self.redis_url = c.redis_url or self.redis.url  # type: ignore[union-attr]
-            self._write_plan(groups)
+            num_slots = c.slots or sum(g.tp for g in groups)
+            self._write_plan(num_slots)
             self.port = c.port or free_port(c.host)
-            self._start_groups(groups, model)
-            self._spawn("router", ["router.service_cli", *self._redis_args(), *self._tiers_args()])
+            self.admin_port = c.admin_port if c.admin_port is not None else self.port + 1 if c.port else 0
+            self.admin_port = self.admin_port or free_port(c.host)
+            self.admin_key = c.admin_key or admin_key()
+            self._start_slots(num_slots, model)
+            self._spawn("router", ["router.service_cli", *self._redis_args(), *self._tiers_args(), "--host", c.host,
+                                   "--admin-port", str(self.admin_port)], {"NITSUM_ADMIN_KEY": self.admin_key})
             self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
                                     "--port", str(self.port), *self._redis_args(), *self._tiers_args()])
             self.wait_healthy()
@@ -124,28 +150,50 @@ class Mesh:
     def _tiers_args(self) -> list[str]:
         return ["--tiers", str(self.config.tiers)] if self.config.tiers else []
 
-    def _write_plan(self, groups: list[GroupSpec]) -> None:
+    def _write_plan(self, num_slots: int) -> None:
+        """The plan the router brings the slots to once they are up (router/orchestrator.py)."""
         import redis
 
-        doc = {"epoch": 0, "plan": {"text": self.config.plan, "groups": [
-            {"group_id": g.group_id, "role": g.role, "tp": g.tp, "slots": list(g.slots)} for g in groups]},
-            "set_at": time.time()}
+        from router.plans import parse_plan
+
+        plan = parse_plan(self.config.plan, slots=num_slots)
+        doc = {"epoch": 0, "plan": {"text": plan.to_str(), "num_slots": num_slots, "reconfiguring": False,
+                                    "applied": False, "groups": [{"role": g.role, "tp": g.tp, "slots": list(g.slots)}
+                                                                 for g in plan.groups]}, "set_at": time.time()}
         client = redis.Redis.from_url(self.redis_url)
         client.set(f"{self.config.redis_prefix}plan", json.dumps(doc))
         client.close()
 
-    def _start_groups(self, groups: list[GroupSpec], model: Path) -> None:
+    def _start_slots(self, num_slots: int, model: Path) -> None:
         # Slots share this host's cores: more OpenMP threads than cores makes every op wait for
         # a descheduled thread, so each slot gets its share (at least one).
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, sum(g.tp for g in groups))))
-        for g in groups:
-            dist = ["--dist-addr", f"{self.config.host}:{free_port(self.config.host)}"] if g.tp > 1 else []
-            for rank in range(g.tp):
-                self._spawn(f"{g.group_id}-r{rank}", [
-                    f"{g.role}_node", "--model", str(model), "--group-id", g.group_id, "--rank", str(rank),
-                    "--tp", str(g.tp), "--host", self.config.host, "--max-num-seqs", str(self.config.max_num_seqs),
-                    "--device", self.config.device,
-                    *dist, *self._redis_args()], {"OMP_NUM_THREADS": threads})
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, num_slots)))
+        for index in range(num_slots):
+            self._spawn(f"slot{index}", [
+                "services.node.slot_cli", "--index", str(index), "--model", str(model), "--host", self.config.host,
+                "--max-num-seqs", str(self.config.max_num_seqs), "--device", self._device(index),
+                *self._redis_args()], {"OMP_NUM_THREADS": threads})
+
+    def stop_slots(self, timeout_s: float = 10.0) -> None:
+        """Stop every slot process (the router, gateway and Redis stay up)."""
+        slots = [(n, p) for n, p in self.procs if n.startswith("slot")]
+        for _, p in slots:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        for _, p in slots:
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = [(n, p) for n, p in self.procs if not n.startswith("slot")]
+
+    def start_slots(self, num_slots: int) -> None:
+        """Start slot processes again after `stop_slots` (a cold start; see bench/reconfig.py)."""
+        self._start_slots(num_slots, ensure_model(self.config.model))
+
+    def _device(self, index: int) -> str:
+        return f"cuda:{index}" if self.config.device == "cuda" else self.config.device
 
     def _spawn(self, name: str, module_args: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
@@ -212,7 +260,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-prefix", default="nitsum:")
     p.add_argument("--tiers", default=None, help="tiers file (JSON or .toml)")
     p.add_argument("--log-dir", default=None, help="where each process's log goes (default .nitsum/logs/<time>)")
-    p.add_argument("--device", default="cpu", help="engine device of every slot: cpu or cuda")
+    p.add_argument("--device", default="cpu", help="engine device of every slot: cpu, or cuda (slot i on cuda:i)")
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="router admin API port, for `nitsum plan apply/show` (default: --port + 1)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -225,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = LaunchConfig(model=args.model, slots=args.slots, plan=args.plan, host=args.host, port=args.port,
                               redis_url=args.redis_url, redis_prefix=args.redis_prefix, tiers=args.tiers,
-                              log_dir=args.log_dir, device=args.device)
+                              log_dir=args.log_dir, device=args.device, admin_port=args.admin_port)
         plan_groups(config.plan, config.slots)
     except ValidationError as e:
         return fail("up", explain(e))
@@ -243,8 +293,9 @@ def run(args: argparse.Namespace) -> int:
         mesh.start()
     except (RuntimeError, ValueError, OSError) as e:
         return fail("up", str(e))
-    print(f"nitsum is serving at {mesh.url}/v1 (plan {config.plan}; logs in {mesh.log_dir}); Ctrl-C stops it",
-          flush=True)
+    print(f"nitsum is serving at {mesh.url}/v1 (plan {config.plan}; logs in {mesh.log_dir}); Ctrl-C stops it\n"
+          f"re-cut it with `nitsum plan apply PLAN --router {mesh.admin_url}` (admin key in .nitsum/admin-key "
+          "or $NITSUM_ADMIN_KEY)", flush=True)
     try:
         while not stopping["now"]:
             dead = mesh.dead()

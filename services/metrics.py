@@ -8,6 +8,8 @@ view, from the gateway mirroring the group records it reads from Redis.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -94,6 +96,34 @@ class RouterMetrics:
         self.schedule_seconds = Histogram("nitsum_router_schedule_seconds", "Time of one scheduling decision",
                                           buckets=_TPOT_BUCKETS, registry=r)
         self.leading = Gauge("nitsum_router_leading", "1 while this router holds the leader lock", registry=r)
+        # Reconfigurations (router/orchestrator.py), exported by the router that ran them.
+        self.reconfigurations = Counter("nitsum_reconfigurations", "Plan changes applied by the orchestrator "
+                                        "(epoch e -> e+1); result = committed | unchanged | rolled_forward | "
+                                        "rolled_back | failed", ("result",), registry=r)
+        self.reconfig_pause = Histogram("nitsum_reconfig_pause_seconds", "Pause each group saw during a "
+                                        "reconfiguration (0 for groups that kept serving)", ("group",),
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.reconfig_seconds = Histogram("nitsum_reconfig_seconds", "Wall time of a whole reconfiguration",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.reconfig_bytes = Counter("nitsum_reconfig_weight_bytes", "Weight bytes of re-cut slots by where they "
+                                      "came from: kept in place, fetched from a peer slot, read from disk",
+                                      ("source",), registry=r)
+        self.reconfig_requests = Counter("nitsum_reconfig_requests", "Requests on re-cut decode groups by what "
+                                         "happened to them: finished in place, migrated, parked", ("outcome",),
+                                         registry=r)
+        self.plan_epoch = Gauge("nitsum_plan_epoch", "The plan epoch the router routes to", registry=r)
+
+    def observe_reconfig(self, report: Any) -> None:
+        """Count one router.orchestrator.ReconfigReport."""
+        self.reconfigurations.labels(report.result).inc()
+        self.reconfig_seconds.observe(report.seconds)
+        for g in report.groups:
+            self.reconfig_pause.labels(g.group_id).observe(g.pause_s)
+        for source in ("kept", "peer", "disk"):
+            self.reconfig_bytes.labels(source).inc(getattr(report, f"{source}_bytes"))
+        for outcome in ("finished_in_place", "migrated", "parked"):
+            self.reconfig_requests.labels(outcome).inc(getattr(report, outcome))
+        self.plan_epoch.set(report.to_epoch if report.result != "failed" else report.from_epoch)
 
 
 class NodeMetrics:

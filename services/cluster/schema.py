@@ -109,6 +109,8 @@ class SlotRecord:
     tp: int
     epoch: int
     pid: int = 0
+    address: str = ""  # host:port of the slot's SlotControl server (re-cut slots only)
+    index: int = -1  # the slot's place in plans (re-cut slots only)
 
     def encode(self) -> dict[str, str]:
         return _encode(self)

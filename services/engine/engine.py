@@ -23,6 +23,7 @@ from services.engine.batch import SeqChunk, StepBatch
 from services.engine.config import EngineArgs, ModelConfig
 from services.engine.dist import TPGroup, make_store
 from services.engine.errors import BadRequestError, EngineError
+from services.engine.layers import RowParallelLinear
 from services.engine.runner import ModelRunner
 from services.engine.sampling import SamplingParams, sample
 from services.engine.scheduler import ScheduledChunk, Scheduler, SeqStatus, Sequence
@@ -51,16 +52,31 @@ class KVExport:
     rng_state: torch.Tensor | None = None  # the request's sampler state, when it samples
 
 
+def attach_group(runner: ModelRunner, group: TPGroup | None) -> None:
+    """Point a loaded model's all-reduces at `group` (a slot keeping its shard across epochs)."""
+    runner.group = group
+    for module in runner.model.modules():
+        if isinstance(module, RowParallelLinear):
+            module.group = group
+
+
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, runner: ModelRunner | None = None, group: TPGroup | None = None) -> None:
+        """Build the group and load the weights; or, with `runner` (a slot re-cut at runtime),
+        serve a model already in memory over `group`, whose other ranks the caller has formed."""
         self.model_config = cfg = ModelConfig.from_dir(args.model)
         args.validate_for(cfg)
         self.tokenizer = Tokenizer(args.model, extra_eos_ids=cfg.eos_token_ids)
         self.model_name = args.model
         self._procs: list[mp.process.BaseProcess] = []
-        self.group = self._start_group(args) if args.tp > 1 else None
         self.args = args
-        self.runner = ModelRunner(args, cfg, 0, self.group)
+        if runner is None:
+            self.group = self._start_group(args) if args.tp > 1 else None
+            runner = ModelRunner(args, cfg, 0, self.group)
+        else:
+            self.group = group
+            attach_group(runner, group)
+        self.runner = runner
         self.max_model_len = args.model_len(cfg)
         self.scheduler = Scheduler(self.runner.num_blocks, args.block_size, args.max_num_seqs,
                                    args.max_num_batched_tokens)
@@ -222,6 +238,21 @@ class LLMEngine:
     def release(self, request_id: str) -> None:
         self.abort(request_id)
 
+    def remaining_tokens(self, request_id: str) -> int:
+        """Tokens this request may still generate (its max_tokens minus what it has)."""
+        seq = self.seqs[request_id]
+        return seq.params.max_tokens - seq.num_output
+
+    def take_out(self, request_id: str) -> tuple[list[int], KVExport]:
+        """Stop-and-copy migration in one call: detach a running request, copy out all its KV and
+        its sampler state, and free it here. Returns its generated ids and the KV."""
+        seq = self.detach(request_id)
+        try:
+            kv = self.export_kv(request_id)
+        finally:
+            self.release(request_id)
+        return seq.token_ids[seq.prompt_len:], kv
+
     def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a request whose KV will arrive in pieces (`receive_kv`), then `finish_receive`."""
         self._check_request(request_id, prompt_ids, params)
@@ -312,7 +343,10 @@ class LLMEngine:
         return self._timed(StepBatch(decode=chunks, sample_rows=list(range(batch))), repeats)
 
     def shutdown(self) -> None:
-        if self.group is not None and self._procs:
+        """Stop the group's other ranks (they return from `serve_rank`) and join spawned ones.
+
+        The runner (weights and KV cache) stays usable: a slot re-cut at runtime keeps it."""
+        if self.group is not None:
             try:
                 self.group.broadcast_object(Shutdown())
             except Exception:  # a worker already gone: fall through to terminate

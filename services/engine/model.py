@@ -3,7 +3,8 @@
 One forward pass takes a packed batch: decode tokens of many sequences first, then prefill
 chunks. Linear layers see all tokens at once; attention reads keys and values from the paged
 cache through each sequence's block table. Weights come from `loader.iter_shards`, already
-sliced for this rank.
+sliced for this rank, or from a reshard; `CausalLM.shard_views` hands them back (the inverse of
+`load`) so a reconfiguration can keep or send what this rank already holds.
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ class CausalLM(nn.Module):
                  device: torch.device, group: AllReduce | None) -> None:
         super().__init__()
         self.cfg, self.tp, self.rank = cfg, tp, rank
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
+        # Given storage, not nn.Embedding's random init: drawing vocab x hidden normals costs
+        # ~150 ms on the small model, on every (re)build, for values `load` overwrites.
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight, _freeze=True)
         self.decoder_layers = [DecoderLayer(cfg, tp, dtype, device, group) for _ in range(cfg.num_hidden_layers)]
         self.layers = nn.ModuleList(self.decoder_layers)  # registers their parameters
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -152,46 +155,69 @@ class CausalLM(nn.Module):
         return linear(h, self.head_weight, self.lm_head_packed).float()
 
     def checkpoint_names(self) -> list[str]:
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if self.lm_head is not None:
-            names.append("lm_head.weight")
-        for i in range(self.cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-            if self.cfg.attention_bias:
-                names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        return names
+        return checkpoint_names(self.cfg, lm_head=self.lm_head is not None)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         """Place one checkpoint tensor (already this rank's slice) into its parameter."""
-        if name == "model.embed_tokens.weight":
-            self.embed_tokens.weight.data.copy_(tensor)
-        elif name == "model.norm.weight":
-            self.norm.weight.data.copy_(tensor)
-        elif name == "lm_head.weight":
-            assert self.lm_head is not None
-            self.lm_head.copy_(tensor)
-        else:
-            self._load_layer(name, tensor)
+        self._target(name).copy_(tensor)
 
-    def _load_layer(self, name: str, tensor: torch.Tensor) -> None:
-        parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{weight|bias}
-        layer = self.decoder_layers[int(parts[2])]
-        leaf = ".".join(parts[3:])
-        qkv_index = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
-        if leaf == "input_layernorm.weight":
-            layer.input_layernorm.weight.data.copy_(tensor)
-        elif leaf == "post_attention_layernorm.weight":
-            layer.post_attention_layernorm.weight.data.copy_(tensor)
-        elif parts[3] == "self_attn" and parts[4] in qkv_index:
-            layer.self_attn.qkv.load_part(qkv_index[parts[4]], tensor, is_bias=parts[5] == "bias")
-        elif leaf == "self_attn.o_proj.weight":
-            layer.self_attn.o_proj.weight.data.copy_(tensor)
-        elif parts[4] in ("gate_proj", "up_proj"):
-            layer.mlp.gate_up.load_part(0 if parts[4] == "gate_proj" else 1, tensor)
-        elif leaf == "mlp.down_proj.weight":
-            layer.mlp.down.weight.data.copy_(tensor)
-        else:
+    def shard_views(self) -> dict[str, torch.Tensor]:
+        """This rank's slice of every checkpoint tensor, as views into the parameters (no copy):
+        the exact inverse of `load`, so a reshard can keep or send what this rank holds."""
+        return {name: self._target(name) for name in self.checkpoint_names()}
+
+    def _target(self, name: str) -> torch.Tensor:
+        """The region of a parameter that checkpoint tensor `name` (this rank's slice) fills."""
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens.weight.data
+        if name == "model.norm.weight":
+            return self.norm.weight.data
+        if name == "lm_head.weight":
+            assert self.lm_head is not None
+            return self.lm_head
+        parts = name.split(".")  # model.layers.{i}.{module}[.{proj}].{weight|bias}
+        if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
             raise KeyError(name)
+        return _layer_target(self.decoder_layers[int(parts[2])], parts[3:], name)
+
+
+def _layer_target(layer: DecoderLayer, parts: list[str], name: str) -> torch.Tensor:
+    leaf = ".".join(parts)
+    qkv_index = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+    if leaf == "input_layernorm.weight":
+        return layer.input_layernorm.weight.data
+    if leaf == "post_attention_layernorm.weight":
+        return layer.post_attention_layernorm.weight.data
+    if len(parts) == 3 and parts[0] == "self_attn" and parts[1] in qkv_index:
+        return _part(layer.self_attn.qkv, qkv_index[parts[1]], is_bias=parts[2] == "bias")
+    if leaf == "self_attn.o_proj.weight":
+        return layer.self_attn.o_proj.weight.data
+    if leaf in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        return _part(layer.mlp.gate_up, 0 if parts[1] == "gate_proj" else 1)
+    if leaf == "mlp.down_proj.weight":
+        return layer.mlp.down.weight.data
+    raise KeyError(name)
+
+
+def _part(lin: ColumnParallelLinear, index: int, is_bias: bool = False) -> torch.Tensor:
+    """Rows of a fused projection that one checkpoint tensor fills (as `load_part` places them)."""
+    target = lin.bias if is_bias else lin.weight
+    if target is None:
+        raise KeyError(f"part {index} bias of a projection without bias")
+    start = sum(lin.part_sizes[:index])
+    return target.data[start : start + lin.part_sizes[index]]
+
+
+def checkpoint_names(cfg: ModelConfig, lm_head: bool = True) -> list[str]:
+    """Every checkpoint tensor a rank loads; `lm_head`: include the untied output head (rank 0 only)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if lm_head and not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if cfg.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+    return names

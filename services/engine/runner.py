@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 
 from services.engine.batch import StepBatch, build_meta
 from services.engine.config import EngineArgs, ModelConfig
 from services.engine.dist import TPGroup
+from services.engine.errors import ModelLoadError
 from services.engine.loader import iter_shards
 from services.engine.model import CausalLM
 from services.engine.sharding import kv_head_range, kv_heads_per_rank
@@ -35,8 +37,17 @@ def num_kv_blocks(args: EngineArgs, cfg: ModelConfig, elem_bytes: int) -> int:
     return max(2, min(args.kv_cache_bytes // per_block, useful))
 
 
+Weights = Iterable[tuple[str, torch.Tensor]] | Callable[[dict[str, torch.Tensor]], object]
+
+
 class ModelRunner:
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, rank: int, group: TPGroup | None) -> None:
+    """`weights`: this rank's (name, slice) of every checkpoint tensor, e.g. from a reshard, or a
+    function that fills the new model's `shard_views()` in place (`reshard(..., out=views)`),
+    which saves a copy of every weight; None reads them from the checkpoint folder `args.model`.
+    `reuse_kv`: a previous runner's `kv_cache` to take over instead of allocating (see `_kv_cache`)."""
+
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, rank: int, group: TPGroup | None,
+                 weights: Weights | None = None, reuse_kv: torch.Tensor | None = None) -> None:
         self.args, self.cfg, self.rank = args, cfg, rank
         self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank}")
         self.dtype = args.torch_dtype(cfg)
@@ -44,16 +55,41 @@ class ModelRunner:
         self.group = group
         start = time.perf_counter()
         self.model = CausalLM(cfg, args.tp, rank, self.max_len, self.dtype, self.device, group)
-        for name, tensor in iter_shards(args.model, cfg, self.model.checkpoint_names(), rank, args.tp):
-            self.model.load(name, tensor.to(self.dtype))
+        if callable(weights):
+            weights(self.model.shard_views())
+        else:
+            self._load(weights)
         self.model.finalize()
         self.num_blocks = num_kv_blocks(args, cfg, self.dtype.itemsize)
         self.kv_heads = kv_heads_per_rank(cfg, args.tp)
-        shape = (self.num_blocks, cfg.num_hidden_layers, 2, self.kv_heads, args.block_size, cfg.head_dim)
-        # Zeroed, not empty: padded decode rows read masked slots, and 0 * NaN would poison them.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = self._kv_cache(reuse_kv)
         log.info("rank %d: loaded %s (tp=%d) in %.2fs, %d KV blocks", rank, args.model, args.tp,
                  time.perf_counter() - start, self.num_blocks)
+
+    def _kv_cache(self, reuse: torch.Tensor | None) -> torch.Tensor:
+        """Zeroed, not empty: padded decode rows read masked slots, and 0 * NaN would poison them.
+        A reused cache (contiguous, same dtype and device, room for all `num_blocks`) is not
+        zeroed: it holds only K/V values the model wrote, finite, and zeroing a large cache is
+        the slowest part of a rebuild on CPU (hundreds of ms per GiB)."""
+        cfg, bs = self.cfg, self.args.block_size
+        shape = (self.num_blocks, cfg.num_hidden_layers, 2, self.kv_heads, bs, cfg.head_dim)
+        n = self.num_blocks * cfg.num_hidden_layers * 2 * self.kv_heads * bs * cfg.head_dim
+        if (reuse is not None and reuse.is_contiguous() and reuse.dtype == self.dtype
+                and reuse.device == self.device and reuse.numel() >= n):
+            return reuse.view(-1)[:n].view(shape)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _load(self, weights: Iterable[tuple[str, torch.Tensor]] | None) -> None:
+        names = self.model.checkpoint_names()
+        if weights is None:
+            weights = iter_shards(self.args.model, self.cfg, names, self.rank, self.args.tp)
+        loaded = set()
+        for name, tensor in weights:
+            self.model.load(name, tensor.to(self.dtype))
+            loaded.add(name)
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise ModelLoadError(f"rank {self.rank}: weights given without {missing[0]!r} ({len(missing)} missing)")
 
     @property
     def weight_bytes(self) -> int:

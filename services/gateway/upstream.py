@@ -28,10 +28,11 @@ class Upstream:
         self.tasks = tasks
         self._groups: list[GroupRecord] = []
         self._groups_at = float("-inf")
+        self._max_len = 0  # the context length last served, kept through a reconfiguration
 
-    async def groups(self) -> list[GroupRecord]:
+    async def groups(self, fresh: bool = False) -> list[GroupRecord]:
         now = time.monotonic()
-        if now - self._groups_at > self.config.readiness_cache_s:
+        if fresh or now - self._groups_at > self.config.readiness_cache_s:
             self._groups = await self.cluster.groups()
             self._groups_at = now
         return self._groups
@@ -39,13 +40,31 @@ class Upstream:
     async def ready(self) -> int:
         """The context length the ready groups serve, or 503 while a prefill or decode group is missing."""
         groups = await self.groups()
-        roles = {g.role for g in groups}
-        missing = [r for r in ("prefill", "decode") if r not in roles]
+        missing = _missing_roles(groups)
+        if missing:
+            # The cached list may predate a reconfiguration's end; and during one, a role may be
+            # missing for a moment: requests then wait in their queue for the new groups. Groups
+            # register before the plan says the reconfiguration is over, so read them again after.
+            groups = await self.groups(fresh=True)
+            missing = _missing_roles(groups)
+            if missing and self._max_len and not await self._reconfiguring():
+                groups = await self.groups(fresh=True)
+                missing = _missing_roles(groups)
+            elif missing and self._max_len:
+                missing = []
         if missing:
             raise unavailable(f"no {' or '.join(missing)} group is ready yet; retry shortly",
                               self.config.retry_after_s)
         lengths = [g.max_model_len for g in groups if g.max_model_len > 0]
-        return min(lengths) if lengths else 1 << 30
+        if lengths:
+            self._max_len = min(lengths)
+        return self._max_len or 1 << 30
+
+    async def _reconfiguring(self) -> bool:
+        """The cluster is being re-cut (router/orchestrator.py): a role may be missing for a moment,
+        and requests wait in their tier queue for the new groups instead of failing."""
+        stored = await self.cluster.get_plan()
+        return stored is not None and bool(stored[1].get("reconfiguring"))
 
     async def submit(self, request: pb.QueuedRequest) -> None:
         tier = self.config.policy.tier(request.tier)
@@ -82,9 +101,13 @@ class Upstream:
     async def _check_alive(self, group_id: str, request_id: str) -> None:
         """A group whose lease expired will not send this request's remaining tokens: fail now
         (503, retry) instead of leaving the client waiting for the request timeout."""
-        if all(g.group_id != group_id for g in await self.groups()):
-            raise unavailable(f"request {request_id}: group {group_id} stopped answering mid-request; "
-                              "retry the request", 1.0)
+        if group_id.startswith("slot:"):  # parked in a slot during a reconfiguration
+            if any(s.slot_id == group_id for s in await self.cluster.slots()):
+                return
+        elif any(g.group_id == group_id for g in await self.groups()):
+            return
+        raise unavailable(f"request {request_id}: group {group_id} stopped answering mid-request; "
+                          "retry the request", 1.0)
 
     def cancel(self, request_id: str) -> None:
         """Tell the router and the groups to drop the request (from a cancelled context: no await)."""
@@ -96,6 +119,11 @@ class Upstream:
 
     def forget(self, request_id: str) -> None:
         self.tasks.spawn(self.cluster.drop_output(request_id), name=f"drop-{request_id}")
+
+
+def _missing_roles(groups: list[GroupRecord]) -> list[str]:
+    roles = {g.role for g in groups}
+    return [r for r in ("prefill", "decode") if r not in roles]
 
 
 def error_of(error: pb.Error, request_id: str) -> ApiError:

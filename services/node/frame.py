@@ -47,16 +47,18 @@ def run_follower(config: NodeConfig) -> int:
 class GroupLeader(ABC):
     """Shared by prefill and decode leaders; subclasses add their gRPC services and output handling."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         self.config = config
         self.tasks = TaskSet(f"{config.role}-{config.group_id}")
-        self.metrics = NodeMetrics()
+        self.metrics = metrics or NodeMetrics()
         self.cluster = ClusterClient(config.redis.url, config.redis.prefix)
         self.engine: LLMEngine | None = None
         self.loop: EngineLoop | None = None
+        self.server: grpc.aio.Server | None = None
         self.address = ""
         self.aborted = 0
-        self._stopping = asyncio.Event()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT, or when the engine thread dies
 
     @abstractmethod
     def add_services(self, server: grpc.aio.Server) -> None: ...
@@ -70,40 +72,53 @@ class GroupLeader(ABC):
         """The client of this request went away."""
 
     async def serve(self) -> int:
+        """A static group's whole life (`nitsum prefill` / `nitsum decode`): load, serve, stop on a signal."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        self.engine = await asyncio.to_thread(LLMEngine, engine_args(self.config))
+            loop.add_signal_handler(sig, self.stopping.set)
+        engine = await asyncio.to_thread(LLMEngine, engine_args(self.config))
+        if self.config.metrics_port:
+            from prometheus_client import start_http_server
+            start_http_server(self.config.metrics_port, self.config.host, registry=self.metrics.registry)
+        await self.start(engine)
+        await self.stopping.wait()
+        await self.stop()
+        engine.shutdown()
+        await self.cluster.close()
+        return 0
+
+    async def start(self, engine: LLMEngine) -> None:
+        """Serve `engine`: engine thread, gRPC server, registration and heartbeats."""
+        self.engine = engine
         self.loop = EngineLoop(self.engine, self.on_outputs)
         self.loop.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = server = grpc.aio.server(options=GRPC_OPTIONS)
         self.add_services(server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
         self.address = f"{self.config.host}:{port}"
-        if self.config.metrics_port:
-            from prometheus_client import start_http_server
-            start_http_server(self.config.metrics_port, self.config.host, registry=self.metrics.registry)
         await self._heartbeat_once()
-        self.tasks.spawn(self._heartbeats(), name="heartbeat")
+        self._heartbeat_task = self.tasks.spawn(self._heartbeats(), name="heartbeat")
         self.tasks.spawn(self._follow_cancellations(), name="cancellations")
-        log.info("%s group %s ready at %s (tp %d)", self.config.role, self.config.group_id, self.address, self.config.tp)
-        await self._stopping.wait()
-        await self._shutdown(server)
-        return 0
+        log.info("%s group %s ready at %s (tp %d, epoch %d)", self.config.role, self.config.group_id, self.address,
+                 self.config.tp, self.config.epoch)
 
-    async def _shutdown(self, server: grpc.aio.Server) -> None:
+    async def stop(self) -> None:
+        """Unregister (so no new work comes), stop the server with a short grace, stop the engine
+        thread. The engine itself is left to the caller (a slot keeps its weights)."""
+        if self._heartbeat_task is not None:  # or a last heartbeat would register the group again
+            self._heartbeat_task.cancel()
+            await asyncio.wait([self._heartbeat_task])
         try:
             await self.cluster.unregister_group(self.config.group_id)
         except Exception:  # Redis already gone: the lease expires by itself
             log.warning("could not unregister group %s", self.config.group_id)
-        await server.stop(grace=1.0)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
         await self.tasks.cancel_all()
         await self.close()
-        assert self.loop is not None and self.engine is not None
-        self.loop.stop()
-        self.engine.shutdown()
-        await self.cluster.close()
+        if self.loop is not None:
+            self.loop.stop()
 
     @abstractmethod
     async def close(self) -> None:
@@ -123,6 +138,8 @@ class GroupLeader(ABC):
         group = self.record()
         self.metrics.groups.observe(group)
         await self.cluster.heartbeat_group(group, self.config.lease_ms)
+        if self.config.slot_id:  # a slot process announces itself (services/node/slot.py)
+            return
         for rank in range(self.config.tp):
             slot = SlotRecord(f"{self.config.group_id}-r{rank}", self.config.group_id, rank, self.config.role,
                               self.config.tp, self.config.epoch, os.getpid() if rank == 0 else 0)
@@ -133,7 +150,7 @@ class GroupLeader(ABC):
             await asyncio.sleep(self.config.heartbeat_s)
             if self.loop is not None and self.loop.failure is not None:
                 log.error("engine failed; stopping so the lease expires and the group is replaced")
-                self._stopping.set()
+                self.stopping.set()
                 return
             try:
                 await self._heartbeat_once()

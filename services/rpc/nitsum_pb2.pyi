@@ -170,3 +170,19 @@ class KVAck(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     error: Error
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class SlotCommand(_message.Message):
+    __slots__ = ("verb", "args_json")
+    VERB_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    verb: str
+    args_json: str
+    def __init__(self, verb: _Optional[str] = ..., args_json: _Optional[str] = ...) -> None: ...
+
+class SlotReply(_message.Message):
+    __slots__ = ("error", "result_json")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    result_json: str
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., result_json: _Optional[str] = ...) -> None: ...

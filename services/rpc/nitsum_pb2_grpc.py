@@ -369,3 +369,75 @@ class KVTransfer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SlotControlStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Command = channel.unary_unary(
+                '/nitsum.v1.SlotControl/Command',
+                request_serializer=nitsum__pb2.SlotCommand.SerializeToString,
+                response_deserializer=nitsum__pb2.SlotReply.FromString,
+                _registered_method=True)
+
+
+class SlotControlServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Command(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SlotControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Command': grpc.unary_unary_rpc_method_handler(
+                    servicer.Command,
+                    request_deserializer=nitsum__pb2.SlotCommand.FromString,
+                    response_serializer=nitsum__pb2.SlotReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nitsum.v1.SlotControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nitsum.v1.SlotControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SlotControl:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Command(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitsum.v1.SlotControl/Command',
+            nitsum__pb2.SlotCommand.SerializeToString,
+            nitsum__pb2.SlotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -29,6 +29,10 @@ def _client(mesh: Mesh, key: str = "sk-e2e") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{mesh.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
+# `nitsum up --plan p1,d1` brings slot 0 and slot 1 into these groups at epoch 1.
+PREFILL, DECODE, DECODE_SLOT = "p0-e1", "d1-e1", "slot1"
+
+
 @contextmanager
 def paused(mesh: Mesh, name: str) -> Iterator[None]:
     """SIGSTOP one of the mesh's processes (a hung service), SIGCONT it afterwards."""
@@ -154,7 +158,7 @@ def test_429_while_the_tier_queue_is_full(mesh: Mesh) -> None:
 
 def test_503_while_no_decode_group_is_ready_then_recovers(mesh: Mesh) -> None:
     client = _client(mesh)
-    with paused(mesh, "d0-r0"):  # its heartbeats stop; the lease (3 s) expires
+    with paused(mesh, DECODE_SLOT):  # its heartbeats stop; the lease (3 s) expires
         deadline = time.monotonic() + 10
         while httpx.get(f"{mesh.url}/health").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -177,13 +181,13 @@ def test_decode_group_dying_mid_decode_fails_the_request_fast(mesh: Mesh) -> Non
     chunks = iter(stream)
     for _ in range(5):  # the first comes from prefill, the rest from the decode group
         next(chunks)
-    with paused(mesh, "d0-r0"):
+    with paused(mesh, DECODE_SLOT):
         paused_at = time.monotonic()
         with pytest.raises(openai.APIError) as e:
             for _ in chunks:
                 pass
         waited = time.monotonic() - paused_at
-    assert "d0 stopped answering" in str(e.value.message)
+    assert f"{DECODE} stopped answering" in str(e.value.message)
     assert waited < 15, f"took {waited:.1f}s"
     deadline = time.monotonic() + 10
     while httpx.get(f"{mesh.url}/health").status_code != 200 and time.monotonic() < deadline:
@@ -211,8 +215,8 @@ def test_a_second_dispatch_of_a_request_is_dropped(mesh: Mesh) -> None:
     assert reply.usage.completion_tokens == 3
     again = pb.PrefillRequest(request=pb.QueuedRequest(request_id=reply.id, tier="standard", prompt_ids=[1, 2, 3],
                                                        sampling=pb.SamplingParams(max_tokens=3, top_p=1.0)),
-                              decode_group="d0", decode_address=_group_address(mesh, "d0"))
-    with grpc.insecure_channel(_group_address(mesh, "p0")) as channel:
+                              decode_group=DECODE, decode_address=_group_address(mesh, DECODE))
+    with grpc.insecure_channel(_group_address(mesh, PREFILL)) as channel:
         answer = pb_grpc.PrefillStub(channel).Prefill(again, timeout=30)
     assert answer.error.kind == pb.CANCELLED and "duplicate" in answer.error.message
 
@@ -221,7 +225,7 @@ def _decode_group(mesh: Mesh) -> dict[str, float]:
     import redis
     r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
     try:
-        raw = r.hgetall(f"{mesh.config.redis_prefix}group:d0")
+        raw = r.hgetall(f"{mesh.config.redis_prefix}group:{DECODE}")
     finally:
         r.close()
     return {k: float(v) for k, v in raw.items() if k in ("running", "used_kv_blocks", "aborted")}
@@ -280,6 +284,6 @@ def test_metrics_show_per_tier_and_per_group_series(mesh: Mesh) -> None:
                        "nitsum_goodput_requests_total", "nitsum_requests_total"):
             assert f'tier="{tier}"' in text and series in text
     assert 'nitsum_requests_total{outcome="ok",tier="batch"}' in text
-    for group, role in (("p0", "prefill"), ("d0", "decode")):
+    for group, role in ((PREFILL, "prefill"), (DECODE, "decode")):
         assert f'nitsum_group_tp_degree{{group="{group}",role="{role}"}} 1.0' in text
         assert f'nitsum_group_kv_blocks_free{{group="{group}",role="{role}"}}' in text

@@ -1,0 +1,55 @@
+"""`nitsum slot`: one slot process (services/node/slot.py), which the router re-cuts into groups."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from services.cliutil import fail, setup_logging
+from services.config import RedisSettings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", type=int, required=True, help="this slot's place in plans (0, 1, ...)")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--redis-prefix", default="nitsum:")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="SlotControl gRPC port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda:N for this slot's GPU")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("slot", help="run one slot (one accelerator) that the router re-cuts into groups")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.node.slot import Slot, SlotConfig
+
+    setup_logging()
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        return fail("slot", f"--model {model}: no config.json there (a Hugging Face checkpoint folder is needed)")
+    if args.index < 0:
+        return fail("slot", f"--index {args.index}: slots are numbered from 0")
+    config = SlotConfig(index=args.index, model=model, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
+                        host=args.host, port=args.port, metrics_port=args.metrics_port, device=args.device,
+                        dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs)
+    return asyncio.run(Slot(config).serve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nitsum slot")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
