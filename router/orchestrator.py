@@ -93,7 +93,7 @@ class ReconfigReport:
     from_epoch: int
     to_epoch: int
     plan: str
-    result: str = "committed"  # committed | unchanged | rolled_forward | rolled_back | failed
+    result: str = "committed"  # committed | unchanged | rolled_forward | rolled_back | healed | failed
     seconds: float = 0.0
     groups: list[GroupReport] = field(default_factory=list)
     kept_bytes: int = 0
@@ -140,8 +140,20 @@ def current_groups(slots: dict[int, SlotView]) -> list[GroupSpec]:
     return sorted(out, key=lambda g: g.slots)
 
 
-def plan_of(groups: list[GroupSpec], num_slots: int) -> Plan:
-    return Plan(groups=tuple(Group(g.role, g.slots) for g in groups), num_slots=num_slots)
+def describe(plan: Plan) -> str:
+    """`p2,d2` when the groups take the slots in order from 0, else with the slots: `p1@0,d2@2-3`."""
+    expected = 0
+    for g in plan.groups:
+        if g.slots != tuple(range(expected, expected + g.tp)):
+            return ",".join(f"{g.to_str()}@{_slots(g.slots)}" for g in plan.groups)
+        expected += g.tp
+    return plan.to_str()
+
+
+def _slots(slots: tuple[int, ...]) -> str:
+    if slots == tuple(range(slots[0], slots[0] + len(slots))) and len(slots) > 1:
+        return f"{slots[0]}-{slots[-1]}"
+    return "+".join(map(str, slots))
 
 
 class SlotClient:
@@ -231,7 +243,7 @@ class Orchestrator:
     async def show(self) -> dict[str, Any]:
         views = await self.slot_views()
         groups = current_groups(views)
-        return {"epoch": self.epoch, "plan": self.plan.to_str() if self.plan else "",
+        return {"epoch": self.epoch, "plan": describe(self.plan) if self.plan else "",
                 "reconfiguring": self.busy,
                 "groups": [{"group_id": g.group_id, "role": g.role, "tp": g.tp, "slots": list(g.slots),
                             "epoch": g.epoch} for g in groups],
@@ -254,30 +266,54 @@ class Orchestrator:
         async with self._lock:
             views = await self.slot_views()
             self.check(plan, views)
-            report = ReconfigReport(self.epoch, self.epoch + 1, plan.to_str())
+            report = ReconfigReport(self.epoch, self.epoch + 1, describe(plan))
             started = time.perf_counter()
             try:
                 await self._apply_once(plan, views, report)
             except Exception as e:
-                log.exception("reconfiguration to %s failed; re-planning on the live slots", plan.to_str())
-                report.attempts.append({"plan": plan.to_str(), "error": str(e)})
+                log.exception("reconfiguration to %s failed; re-planning on the live slots", describe(plan))
+                report.attempts.append({"plan": describe(plan), "error": str(e)})
                 report.error = str(e)
                 await self._recover(plan, report)
             report.seconds = time.perf_counter() - started
-            self.history.append(report)
-            self.history = self.history[-100:]
-            for callback in self.on_report:
-                callback(report)
-            log.info("reconfiguration %d -> %d (%s): %s in %.3fs; bytes kept %d, from peers %d, from disk %d; "
-                     "requests finished in place %d, migrated %d, parked %d", report.from_epoch, report.to_epoch,
-                     report.plan, report.result, report.seconds, report.kept_bytes, report.peer_bytes,
-                     report.disk_bytes, report.finished_in_place, report.migrated, report.parked)
+            self._finish(report)
             return report
 
-    async def _recover(self, target: Plan, report: ReconfigReport) -> None:
+    async def heal(self) -> ReconfigReport | None:
+        """Outside a reconfiguration: when a slot of the current plan is gone (its process died),
+        re-plan to the current plan without the groups that lost a slot, if that still has a
+        prefill and a decode group. Requests on the lost group fail (their KV died with it)."""
+        if self.busy or self.plan is None:
+            return None
+        views = await self.slot_views()
+        lost = [g for g in self.plan.groups if any(i not in views for i in g.slots)]
+        if not lost or self.busy:
+            return None
+        async with self._lock:
+            dead = sorted({i for g in lost for i in g.slots if i not in views})
+            log.warning("slot(s) %s are gone; re-planning without their groups", dead)
+            report = ReconfigReport(self.epoch, self.epoch + 1, describe(self.plan),
+                                    error=f"slot(s) {dead} stopped answering")
+            started = time.perf_counter()
+            await self._recover(self.plan, report, forward="healed")
+            report.seconds = time.perf_counter() - started
+            self._finish(report)
+            return report
+
+    def _finish(self, report: ReconfigReport) -> None:
+        self.history.append(report)
+        self.history = self.history[-100:]
+        for callback in self.on_report:
+            callback(report)
+        log.info("reconfiguration %d -> %d (%s): %s in %.3fs; bytes kept %d, from peers %d, from disk %d; "
+                 "requests finished in place %d, migrated %d, parked %d", report.from_epoch, report.to_epoch,
+                 report.plan, report.result, report.seconds, report.kept_bytes, report.peer_bytes,
+                 report.disk_bytes, report.finished_in_place, report.migrated, report.parked)
+
+    async def _recover(self, target: Plan, report: ReconfigReport, forward: str = "rolled_forward") -> None:
         views = await self.slot_views()
         old = self.plan
-        for candidate, result in ((target, "rolled_forward"), (old, "rolled_back")):
+        for candidate, result in ((target, forward), (old, "rolled_back")):
             if candidate is None:
                 continue
             live = [g for g in candidate.groups if all(s in views for s in g.slots)]
@@ -288,13 +324,13 @@ class Orchestrator:
             if candidate is target and len(live) == len(target.groups):
                 result = "committed"  # every slot lives: the retry is the same plan
             try:
-                report.plan = fallback.to_str()
+                report.plan = describe(fallback)
                 await self._apply_once(fallback, views, report)
                 report.result = result
                 return
             except Exception as e:
-                log.exception("recovery towards %s failed", fallback.to_str())
-                report.attempts.append({"plan": fallback.to_str(), "error": str(e)})
+                log.exception("recovery towards %s failed", describe(fallback))
+                report.attempts.append({"plan": describe(fallback), "error": str(e)})
                 views = await self.slot_views()
         report.result = "failed"
 
@@ -407,11 +443,17 @@ class Orchestrator:
             if result.get("parked"):
                 raise ReconfigError(f"slot {v.index} still holds {result['parked']} requests no decode group took")
 
+    async def store_initial(self, plan: Plan) -> None:
+        """Store the plan `bootstrap` brings the slots to (epoch 0: nothing formed yet)."""
+        await self.cluster.set_plan(0, self._plan_doc(plan, reconfiguring=False) | {"applied": False})
+
+    def _plan_doc(self, plan: Plan, reconfiguring: bool) -> dict[str, Any]:
+        return {"text": describe(plan), "groups": [{"role": g.role, "tp": g.tp, "slots": list(g.slots)}
+                                                  for g in plan.groups],
+                "num_slots": plan.num_slots, "reconfiguring": reconfiguring, "applied": not reconfiguring}
+
     async def _publish(self, plan: Plan, epoch: int, reconfiguring: bool) -> None:
-        doc = {"text": plan.to_str(), "groups": [{"role": g.role, "tp": g.tp, "slots": list(g.slots)}
-                                                 for g in plan.groups],
-               "num_slots": plan.num_slots, "reconfiguring": reconfiguring, "applied": not reconfiguring}
-        await self.cluster.set_plan(epoch if not reconfiguring else self.epoch, doc)
+        await self.cluster.set_plan(epoch if not reconfiguring else self.epoch, self._plan_doc(plan, reconfiguring))
 
     # ---- start-up -------------------------------------------------------------------------
     async def bootstrap(self, timeout_s: float = 300.0) -> ReconfigReport | None:
@@ -424,7 +466,12 @@ class Orchestrator:
         text = doc.get("text", "")
         if not text or not doc.get("num_slots"):
             return None  # no plan for slots (static prefill/decode groups register themselves)
-        plan = parse_plan(text, slots=int(doc.get("num_slots") or 0) or None)
+        num_slots = int(doc["num_slots"])
+        if doc.get("groups"):
+            plan = Plan(groups=tuple(Group(str(g["role"]), tuple(int(i) for i in g["slots"])) for g in doc["groups"]),
+                        num_slots=num_slots)
+        else:
+            plan = parse_plan(text, slots=num_slots)
         views = await self.wait_for_slots(plan.num_slots, timeout_s)
         self.epoch = max(self.epoch, epoch)
         current = current_groups(views)
@@ -432,7 +479,7 @@ class Orchestrator:
             self.plan = plan
             self.epoch = max([self.epoch, *(g.epoch for g in current)])
             self.routing.set_epoch(self.epoch)
-            log.info("adopted the serving plan %s at epoch %d", plan.to_str(), self.epoch)
+            log.info("adopted the serving plan %s at epoch %d", describe(plan), self.epoch)
             return None
         return await self.apply(plan)
 

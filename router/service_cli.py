@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the admin API (/admin/plan, and /metrics) on this port (0: off)")
     p.add_argument("--admin-key", default=os.environ.get("NITSUM_ADMIN_KEY", ""),
                    help="key the admin API requires (default: $NITSUM_ADMIN_KEY; empty: admin calls refused)")
+    p.add_argument("--plan", default=None,
+                   help="initial plan for the slots, e.g. p2,p2,d4 (used when Redis holds none yet; a plan "
+                        "applied at runtime survives a router restart)")
+    p.add_argument("--slots", type=int, default=None, help="slots in the cluster (default: what --plan uses)")
     p.add_argument("--no-orchestrate", action="store_true",
                    help="do not apply the plan stored in Redis to the slots (static prefill/decode groups only)")
 
@@ -49,7 +53,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 
 async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0, admin_port: int = 0,
-                admin_key: str = "", orchestrate: bool = True) -> int:
+                admin_key: str = "", orchestrate: bool = True, plan: Any = None) -> int:
     from router.orchestrator import Orchestrator
     from router.service import Router
     from services.cluster import ClusterClient
@@ -71,7 +75,7 @@ async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int
     if admin_port:
         tasks.spawn(_serve_admin(orchestrator, router, host, admin_port, admin_key, stop), name="admin")
     if orchestrate:
-        tasks.spawn(_bootstrap(orchestrator, router, stop), name="bootstrap")
+        tasks.spawn(_bootstrap(orchestrator, router, stop, plan), name="bootstrap")
     try:
         await router.run(stop)
     finally:
@@ -81,8 +85,11 @@ async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int
     return 0
 
 
-async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event) -> None:
-    """Once this router leads: bring the slots to the plan stored in Redis (retrying on failure)."""
+async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event, initial: Any = None) -> None:
+    """Once this router leads: store `initial` as the plan if Redis holds none, then bring the
+    slots to the stored plan (retrying on failure)."""
+    if initial is not None and await orchestrator.cluster.get_plan() is None:
+        await orchestrator.store_initial(initial)
     while not stop.is_set():
         if not router.leading:
             await asyncio.sleep(0.1)
@@ -94,8 +101,15 @@ async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event) -> Non
             await asyncio.sleep(2.0)
             continue
         if report is None or report.result != "failed":
-            return
+            break
         await asyncio.sleep(2.0)
+    while not stop.is_set():  # then watch for slots that die while serving
+        await asyncio.sleep(2.0)
+        if router.leading:
+            try:
+                await orchestrator.heal()
+            except Exception:
+                log.exception("could not re-plan around a lost slot; retrying")
 
 
 async def _serve_admin(orchestrator: Any, router: Any, host: str, port: int, key: str, stop: asyncio.Event) -> None:
@@ -118,12 +132,17 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     try:
         config = build_config(args)
+        plan = None
+        if args.plan:
+            from router.plans import parse_plan
+
+            plan = parse_plan(args.plan, slots=args.slots)
     except ValidationError as e:
         return fail("router", explain(e))
     except ValueError as e:
         return fail("router", str(e))
     return asyncio.run(serve(config, args.host, args.metrics_port, args.admin_port, args.admin_key,
-                             not args.no_orchestrate))
+                             not args.no_orchestrate, plan))
 
 
 def main(argv: list[str] | None = None) -> int:

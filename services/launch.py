@@ -44,6 +44,7 @@ class LaunchConfig(BaseModel):
     device: str = "cpu"
     admin_port: int | None = Field(default=None, ge=0, le=65535)  # None: --port + 1; 0: a free port
     admin_key: str = ""  # "" : $NITSUM_ADMIN_KEY, else a random one (written to .nitsum/admin-key)
+    slot_env: dict[int, dict[str, str]] = Field(default_factory=dict)  # extra environment per slot (tests)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Mesh:
             self._spawn(f"slot{index}", [
                 "services.node.slot_cli", "--index", str(index), "--model", str(model), "--host", self.config.host,
                 "--max-num-seqs", str(self.config.max_num_seqs), "--device", self._device(index),
-                *self._redis_args()], {"OMP_NUM_THREADS": threads})
+                *self._redis_args()], {"OMP_NUM_THREADS": threads, **self.config.slot_env.get(index, {})})
 
     def stop_slots(self, timeout_s: float = 10.0) -> None:
         """Stop every slot process (the router, gateway and Redis stay up)."""

@@ -21,6 +21,7 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # Outcomes of a request as the gateway saw it (label `outcome` of nitsum_requests_total).
 OUTCOMES = ("ok", "bad_request", "unauthorized", "forbidden", "shed", "unavailable", "cancelled", "error")
+KV_BACKENDS = ("grpc", "nixl", "local")  # label values of nitsum_kv_transfer_backend
 
 
 class GroupMetrics:
@@ -99,7 +100,7 @@ class RouterMetrics:
         # Reconfigurations (router/orchestrator.py), exported by the router that ran them.
         self.reconfigurations = Counter("nitsum_reconfigurations", "Plan changes applied by the orchestrator "
                                         "(epoch e -> e+1); result = committed | unchanged | rolled_forward | "
-                                        "rolled_back | failed", ("result",), registry=r)
+                                        "rolled_back | healed | failed", ("result",), registry=r)
         self.reconfig_pause = Histogram("nitsum_reconfig_pause_seconds", "Pause each group saw during a "
                                         "reconfiguration (0 for groups that kept serving)", ("group",),
                                         buckets=_LATENCY_BUCKETS, registry=r)
@@ -141,6 +142,20 @@ class NodeMetrics:
         self.kv_transfer_seconds = Histogram("nitsum_kv_transfer_seconds", "Time to hand one request's KV over",
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.aborted = Counter("nitsum_aborted_requests", "Requests aborted (client gone or error)", registry=r)
+        self.kv_backend = Gauge("nitsum_kv_transfer_backend", "KV hand-off backend in use (1) and known (0)",
+                                ("backend",), registry=r)
+        self.kv_transfer_failures = Counter("nitsum_kv_transfer_failures", "KV transfers that failed, by error "
+                                            "kind (unavailable: the peer died or was unreachable)", ("reason",),
+                                            registry=r)
+        self.kv_handoff_failovers = Counter("nitsum_kv_handoff_failovers", "KV hand-offs sent to another decode "
+                                            "group after the chosen one failed", registry=r)
+
+    def set_kv_backend(self, name: str) -> None:
+        """Show `name` as the backend in use (a slot may serve several groups over its life)."""
+        for known in KV_BACKENDS:
+            self.kv_backend.labels(known).set(1 if known == name else 0)
+        if name not in KV_BACKENDS:
+            self.kv_backend.labels(name).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -124,6 +124,7 @@ class Slot(pb_grpc.SlotControlServicer):
         self._sender: GrpcKVBackend | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._kv: torch.Tensor | None = None
+        self._fault_count = 0
         self._busy = asyncio.Lock()
 
     # ---- process life -------------------------------------------------------------------------
@@ -179,6 +180,7 @@ class Slot(pb_grpc.SlotControlServicer):
     # ---- the control service ------------------------------------------------------------------
     async def Command(self, request: pb.SlotCommand, context: grpc.aio.ServicerContext) -> pb.SlotReply:  # noqa: N802
         handler = getattr(self, f"_verb_{request.verb}", None)
+        self._maybe_die(request.verb)
         if handler is None:
             return pb.SlotReply(error=error(pb.BAD_REQUEST, f"unknown slot verb {request.verb!r}"))
         try:
@@ -195,6 +197,21 @@ class Slot(pb_grpc.SlotControlServicer):
         except Exception as e:
             log.exception("slot %d: %s failed", self.config.index, request.verb)
             return pb.SlotReply(error=error(pb.INTERNAL, f"slot {self.config.index}: {request.verb} failed: {e!r}"))
+
+    def _maybe_die(self, verb: str) -> None:
+        """Test hook for a slot dying mid-reconfiguration (the one failure a test cannot provoke
+        at the right moment from outside): NITSUM_SLOT_FAULT=VERB[:N] exits the process at once
+        on the N-th (default first) command VERB."""
+        fault = os.environ.get("NITSUM_SLOT_FAULT", "")
+        if not fault:
+            return
+        name, _, nth = fault.partition(":")
+        if name != verb:
+            return
+        self._fault_count += 1
+        if self._fault_count == int(nth or 1):
+            log.error("slot %d: NITSUM_SLOT_FAULT=%s: exiting now", self.config.index, fault)
+            os._exit(70)
 
     async def _verb_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"index": self.config.index, "pid": os.getpid(), "address": self.address,
@@ -329,9 +346,9 @@ class Slot(pb_grpc.SlotControlServicer):
         if a.tp > 1:
             group = await asyncio.to_thread(TPGroup, self._store(args["store"]), args["prefix"], a.rank, a.tp,
                                             self.device, self.config.dist_timeout_s)
-        if self.prepared is not None and self.prepared[0] == layout:
-            self.runner = self.prepared[1]  # the old shard is no longer needed
-            self.prepared = None
+        prepared, self.prepared = self.prepared, None  # one from an abandoned attempt is dropped too
+        if prepared is not None and prepared[0] == layout:
+            self.runner = prepared[1]  # the old shard is no longer needed
         elif self.runner is None or self.held != layout:
             raise SlotError(f"holds {self.held}, not the shard tp {a.tp} rank {a.rank}; reshard first")
         self.held = layout

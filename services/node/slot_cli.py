@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="SlotControl gRPC port (0: a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda:N for this slot's GPU")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or this slot's GPU: cuda:N (cuda = cuda:0, e.g. the one GPU a container sees)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory of this slot, GiB")
+    p.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="seconds to wait for peer slots when forming process groups")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -40,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if args.index < 0:
         return fail("slot", f"--index {args.index}: slots are numbered from 0")
     config = SlotConfig(index=args.index, model=model, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
-                        host=args.host, port=args.port, metrics_port=args.metrics_port, device=args.device,
+                        host=args.host, port=args.port, metrics_port=args.metrics_port,
+                        device="cuda:0" if args.device == "cuda" else args.device,
+                        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), dist_timeout_s=args.dist_timeout,
                         dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs)
     return asyncio.run(Slot(config).serve())
 

@@ -166,3 +166,72 @@ def test_admin_api_refuses_bad_plans_and_keys(mesh: Mesh) -> None:
     assert admin(mesh, "GET", "/admin/plan", key="")[0] == 401
     after = admin(mesh, "GET", "/admin/plan")[1]
     assert after["epoch"] == before["epoch"] and after["plan"] == before["plan"]
+
+
+def test_a_slot_dying_mid_switch_rolls_back_and_loses_no_request(tiny_model_dir: Path,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Slot 1 dies while p1,p1,d2 is re-cut into p2,d2 (at its second reshard: the first was
+    start-up). The new plan lost a slot and has no prefill group left, so the orchestrator rolls
+    back to the old plan without the dead slot (p1 on slot 0, d2 kept serving); streams that
+    were running all finish with the right text and the cluster keeps serving."""
+    from services.launch import LaunchConfig
+
+    root = tmp_path_factory.mktemp("mesh-fault")
+    config = LaunchConfig(model=tiny_model_dir, plan="p1,p1,d2", port=0, log_dir=root / "logs", startup_timeout_s=120,
+                          slot_env={1: {"NITSUM_SLOT_FAULT": "reshard:2"}})
+    rng = random.Random(8)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 9, 17, 30)]
+    with Mesh(config) as m:
+        async def drive() -> tuple[list[str], tuple[int, dict[str, Any]]]:
+            client = openai.AsyncOpenAI(base_url=f"{m.url}/v1", api_key="any", max_retries=0, timeout=120)
+            streams = [asyncio.create_task(one_stream(client, p, 60, "standard")) for p in prompts]
+            await asyncio.sleep(0.3)
+            answer = await asyncio.to_thread(admin, m, "POST", "/admin/plan", {"plan": "p2,d2"})
+            texts = await asyncio.gather(*streams)
+            after = await one_stream(client, prompts[0], 20, "standard")
+            await client.close()
+            return [*texts, after], answer
+
+        texts, (status, doc) = asyncio.run(drive())
+        assert status == 409, doc
+        report = doc["report"]
+        assert report["result"] == "rolled_back" and report["plan"] == "p1@0,d2@2-3", report
+        assert "slot" in doc["error"]["message"]
+        shown = admin(m, "GET", "/admin/plan")[1]
+        assert [(g["role"], g["slots"]) for g in shown["groups"]] == [("prefill", [0]), ("decode", [2, 3])]
+        assert 1 not in [s["index"] for s in shown["slots"]]
+        assert next(p for n, p in m.procs if n == "slot1").wait(timeout=10) == 70
+    from services.engine import EngineArgs, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineArgs(model=str(tiny_model_dir)))
+    want = [engine.tokenizer.decode(ids) for ids in
+            engine.generate(prompts, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))]
+    want.append(engine.tokenizer.decode(
+        engine.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]))
+    assert texts == want
+
+
+def test_a_slot_dying_while_serving_is_planned_around(tiny_model_dir: Path,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The orchestrator watches the slots: one decode slot of p1,d1,d1 is killed; the cluster
+    re-plans to the other two groups by itself and keeps serving."""
+    import os
+    import signal
+    import time
+
+    from services.launch import LaunchConfig
+
+    root = tmp_path_factory.mktemp("mesh-heal")
+    config = LaunchConfig(model=tiny_model_dir, plan="p1,d1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120)
+    with Mesh(config) as m:
+        os.kill(next(p.pid for n, p in m.procs if n == "slot2"), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        shown = admin(m, "GET", "/admin/plan")[1]
+        while shown["plan"] != "p1,d1" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            shown = admin(m, "GET", "/admin/plan")[1]
+        assert shown["plan"] == "p1,d1", shown
+        history = admin(m, "GET", "/admin/reconfigurations")[1]["reconfigurations"]
+        assert history[-1]["result"] == "healed" and "[2]" in history[-1]["error"]
+        client = openai.OpenAI(base_url=f"{m.url}/v1", api_key="any", max_retries=0, timeout=60)
+        assert client.completions.create(model="tiny", prompt="still here", max_tokens=5).usage.completion_tokens == 5
