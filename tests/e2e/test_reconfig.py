@@ -168,6 +168,34 @@ def test_admin_api_refuses_bad_plans_and_keys(mesh: Mesh) -> None:
     assert after["epoch"] == before["epoch"] and after["plan"] == before["plan"]
 
 
+def test_plan_cli_shows_and_applies_and_explains_its_errors(mesh: Mesh, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def nitsum(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "services.cli", "plan", *args, "--router", mesh.admin_url,
+                               "--admin-key", mesh.admin_key], capture_output=True, text=True, timeout=120)
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"groups": [{"role": "prefill", "slots": [0, 1]}, {"role": "decode", "slots": [2, 3]}]}))
+    applied = nitsum("apply", str(plan))
+    assert applied.returncode == 0, applied.stderr
+    assert "p2,d2 committed" in applied.stdout and "kept serving" in applied.stdout
+    shown = nitsum("show")
+    assert shown.returncode == 0 and shown.stdout.startswith("epoch ") and "p2,d2" in shown.stdout
+    for args, words in ((("apply", "p1,d1,d1,d1,d1"), "slot 4"), (("apply", str(tmp_path / "nope.json")),
+                        "no such plan file"), (("apply", "d4"), "no prefill group")):
+        bad = nitsum(*args)
+        assert bad.returncode == 2 and words in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+    wrong_key = subprocess.run([sys.executable, "-m", "services.cli", "plan", "show", "--router", mesh.admin_url,
+                                "--admin-key", "nope"], capture_output=True, text=True, timeout=60)
+    assert wrong_key.returncode == 2 and "wrong admin key" in wrong_key.stderr
+    unreachable = subprocess.run([sys.executable, "-m", "services.cli", "plan", "show", "--router",
+                                  "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 2 and "cannot reach the router" in unreachable.stderr
+    assert nitsum("apply", "p1,p1,d2").returncode == 0
+
+
 def test_a_slot_dying_mid_switch_rolls_back_and_loses_no_request(tiny_model_dir: Path,
                                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
     """Slot 1 dies while p1,p1,d2 is re-cut into p2,d2 (at its second reshard: the first was
