@@ -101,6 +101,7 @@ async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event, initia
             await asyncio.sleep(2.0)
             continue
         if report is None or report.result != "failed":
+            router.metrics.plan_epoch.set(orchestrator.epoch)  # also when it adopted a serving plan
             break
         await asyncio.sleep(2.0)
     while not stop.is_set():  # then watch for slots that die while serving

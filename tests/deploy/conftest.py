@@ -19,13 +19,14 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
 def env_example() -> dict[str, str]:
-    env = {}
+    """.env.example as Compose reads it: a value may name a variable set above it (${VAR})."""
+    env: dict[str, str] = {}
     for line in (DEPLOY / ".env.example").read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, sep, value = line.partition("=")
             assert sep, f".env.example: {line!r} is not KEY=VALUE"
-            env[key] = value
+            env[key] = interpolate(value, env)
     return env
 
 

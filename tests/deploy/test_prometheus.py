@@ -1,4 +1,4 @@
-"""deploy/prometheus.yml scrapes every compose service that serves /metrics, on the port its
+"""deploy/prometheus.yml scrapes every compose service that serves /metrics, once, on the port its
 command line gives it, and nothing that is not in the compose file."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from .conftest import DEPLOY, has_option, nitsum_services, nitsum_subcommands, option_value, yaml
 
-# Services whose subcommand has no flag for a metrics port today; they are exempt only while
+# Services whose subcommand has no flag for a metrics port; they are exempt only while
 # their parser lacks `--metrics-port` (once it has one, the rules below apply to them too).
 NO_METRICS_FLAG_YET: set[str] = set()
 
@@ -47,6 +47,16 @@ def test_every_service_metrics_port_is_scraped(compose: dict[str, Any]) -> None:
                 f"`nitsum {argv[0]}` now takes --metrics-port: pass it in compose and scrape {name}"
             continue
         assert f"{name}:{port}" in scraped, f"prometheus.yml does not scrape {name}:{port} (/metrics of {name})"
+
+
+def test_each_service_is_scraped_once(compose: dict[str, Any]) -> None:
+    """The router serves one registry on --metrics-port and on the admin port: scraping both would
+    count every reconfiguration twice in the dashboard's sums."""
+    hosts = [t.rsplit(":", 1)[0] for targets in _targets().values() for t in targets]
+    assert len(hosts) == len(set(hosts)), f"a service is scraped on two ports: {sorted(hosts)}"
+    slots = _targets().get("slots", set())
+    assert slots == {f"{n}:9100" for n in compose["services"] if n.startswith("slot")}, \
+        "every slot serves /metrics on 9100, whatever group it is in"
 
 
 def test_every_target_is_a_compose_service(compose: dict[str, Any]) -> None:

@@ -83,9 +83,12 @@ def nitsum_up(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         pytest.skip(f"no Azure traces at {TRACES}")
     logs = tmp_path_factory.mktemp("replay-mesh")
     port = free_port("127.0.0.1")
+    # --admin-port 0: a free one (the default, --port + 1, may be taken); the key keeps the
+    # checkout's .nitsum/admin-key out of it.
     with open(logs / "up.out", "wb") as out:
         proc = subprocess.Popen([*python_m("up"), "--model", str(tiny_model_dir), "--port", str(port),
-                                 "--log-dir", str(logs)], stdout=out, stderr=subprocess.STDOUT)
+                                 "--admin-port", "0", "--log-dir", str(logs)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NITSUM_ADMIN_KEY": "replay-test"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -95,12 +98,13 @@ def nitsum_up(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             time.sleep(0.3)
         yield url
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # one that already exited has failed the test above; say why, not ESRCH
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def test_replay_of_an_azure_slice_writes_summary_and_plots_that_match_the_gateway(
