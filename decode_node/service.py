@@ -42,6 +42,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self._requests: dict[str, pb.QueuedRequest] = {}
         self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]] | asyncio.Future[None]] = asyncio.Queue()
         self._sender: GrpcKVBackend | None = None
+        self.metrics.set_kv_backend(GrpcKVBackend.name)
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(self, server)

@@ -71,6 +71,8 @@ class KVReceiver(ABC):
 
 
 class KVBackend(ABC):
+    name: str  # what /metrics shows (nitsum_kv_transfer_backend)
+
     @abstractmethod
     def sender(self, address: str) -> KVSender:
         """A sender to the decode group leader at `address`."""

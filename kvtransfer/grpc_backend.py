@@ -21,6 +21,7 @@ from services.rpc import pb, pb_grpc
 from services.tasks import TaskSet
 
 from .base import ArrivalHandler, KVBackend, KVHandoff, KVReceiver, KVSender, TransferState
+from .faults import maybe_die
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class GrpcKVReceiver(KVReceiver, pb_grpc.KVTransferServicer):
             if header is None:
                 header = chunk.header
                 self._states[header.request.request_id] = TransferState.TRANSFERRING
+                maybe_die("kv-receive")
             parts.append(chunk.data)
         if header is None:
             return pb.KVAck(error=_error(pb.BAD_REQUEST, "empty KV transfer"))
@@ -135,6 +137,8 @@ class GrpcKVReceiver(KVReceiver, pb_grpc.KVTransferServicer):
 
 class GrpcKVBackend(KVBackend):
     """Keeps one channel per decode leader; every transfer task is owned here."""
+
+    name = "grpc"
 
     def __init__(self, chunk_bytes: int = 4 << 20, timeout_s: float = 60.0) -> None:
         self._chunk = chunk_bytes

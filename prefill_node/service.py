@@ -3,8 +3,10 @@ request's output stream (so TTFT never waits for the KV transfer), then hands th
 decode group named in the assignment and answers the router.
 
 Lifecycle of one request here: Prefill RPC -> add_request(prefill_only) -> the step that
-samples the first token -> first token event -> export_kv + release -> KV sender -> reply.
-A request that finishes at its first token (stop token, max_tokens 1) skips the handoff.
+samples the first token -> first token event -> export_kv + release -> KV hand-off
+(`kvtransfer.handoff`: to the router's decode group, or, when that one fails mid-way, to another
+live decode group) -> reply. A request that finishes at its first token (stop token, max_tokens 1)
+skips the handoff.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import time
 
 import grpc
 
-from kvtransfer.base import KVHandoff, TransferState
+from kvtransfer.base import KVHandoff
 from kvtransfer.grpc_backend import GrpcKVBackend
+from kvtransfer.handoff import DecodeTarget, hand_off, pick_decode_group
 from services.config import NodeConfig
 from services.engine import BadRequestError, RequestOutput
 from services.metrics import NodeMetrics
@@ -29,7 +32,9 @@ log = logging.getLogger("nitsum.prefill")
 class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
     def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         super().__init__(config, metrics)
-        self.kv = GrpcKVBackend(self.config.kv_chunk_bytes)
+        self.kv = GrpcKVBackend(self.config.kv_chunk_bytes, self.config.kv_timeout_s)
+        self.metrics.set_kv_backend(self.kv.name)
+        log.info("group %s hands KV to decode groups over the %s backend", self.config.group_id, self.kv.name)
         self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
         self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-over)
 
@@ -122,21 +127,24 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
 
     async def _hand_over(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
-        rid = request.request.request_id
+        q, rid = request.request, request.request.request_id
         try:
             kv = await self.loop.call(self.engine.export_kv, rid)
         finally:
             await self.loop.call(self.engine.release, rid)
-        sender = self.kv.sender(request.decode_address)
-        sender.send(KVHandoff(request.request, (first,), kv, request.epoch))
-        state = await sender.wait()
-        self.metrics.kv_transfer_seconds.observe(getattr(sender, "seconds", 0.0))
-        self.metrics.kv_transfer_bytes.labels("sent").inc(getattr(sender, "bytes_sent", 0))
-        if state is not TransferState.DONE:
-            err = sender.error or error(pb.INTERNAL, "KV transfer failed")
-            if err.kind != pb.CANCELLED:  # the decode group refused or failed: tell the client
+
+        async def find_other(tried: set[str]) -> DecodeTarget | None:
+            return pick_decode_group(await self.cluster.groups(), tried, request.epoch)
+
+        async def redirect(target: DecodeTarget) -> None:
+            await self.cluster.emit(rid, pb.TokenEvent(time_s=time.time(), next_group=target.group_id))
+
+        result = await hand_off(self.kv, KVHandoff(q, (first,), kv, request.epoch),
+                                DecodeTarget(request.decode_group, request.decode_address), find_other, redirect,
+                                self.metrics, self.config.kv_handoff_attempts)
+        if result.target is None:
+            err = result.error or error(pb.INTERNAL, "KV transfer failed")
+            if err.kind != pb.CANCELLED:  # no decode group took it: tell the client
                 await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time()))
             return pb.PrefillReply(error=err, first_token=first, prefill_s=prefill_s)
-        return pb.PrefillReply(first_token=first, prefill_s=prefill_s, transfer_s=getattr(sender, "seconds", 0.0))
-
-
+        return pb.PrefillReply(first_token=first, prefill_s=prefill_s, transfer_s=result.seconds)

@@ -160,6 +160,8 @@ class NodeConfig(_Frozen):
     lease_ms: int = Field(default=3000, ge=100)
     heartbeat_s: float = Field(default=0.5, gt=0)
     kv_chunk_bytes: int = Field(default=4 << 20, ge=1024)
+    kv_timeout_s: float = Field(default=30.0, gt=0)  # one KV hand-off attempt, sent to received
+    kv_handoff_attempts: int = Field(default=3, ge=1)  # decode groups tried before the request fails
 
     @model_validator(mode="after")
     def _group_shape(self) -> NodeConfig:

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import random
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -82,6 +83,7 @@ class LLMEngine:
                                    args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(args.seed)
+        self.kv_agent: Any = None  # kvtransfer.group_transfer.RankAgent of rank 0, once opened
 
     def _start_group(self, args: EngineArgs) -> TPGroup:
         set_threads(args.tp)
@@ -346,6 +348,9 @@ class LLMEngine:
         """Stop the group's other ranks (they return from `serve_rank`) and join spawned ones.
 
         The runner (weights and KV cache) stays usable: a slot re-cut at runtime keeps it."""
+        if self.kv_agent is not None:  # followers close theirs on Shutdown
+            self.kv_agent.close()
+            self.kv_agent = None
         if self.group is not None:
             try:
                 self.group.broadcast_object(Shutdown())

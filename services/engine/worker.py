@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from services.engine.batch import StepBatch
@@ -41,6 +43,28 @@ class Shutdown:
     pass
 
 
+# Block hand-offs between groups (kvtransfer/group_transfer.py): every rank moves its own heads.
+@dataclass
+class OpenKVAgent:
+    kind: str  # "auto" | "nixl" | "local"
+    name: str  # the group's agent name; each rank appends "-r<rank>"
+
+
+@dataclass
+class SendKVBlocks:
+    pairs: list[tuple[int, int, bytes, str, np.ndarray]]  # (src rank, dst rank, dst metadata, id, descriptors)
+    timeout_s: float
+
+
+@dataclass
+class ReceiveKVBlocks:
+    pairs: list[tuple[int, str]]  # (dst rank, transfer id) of every piece this group receives
+    timeout_s: float
+
+
+_KV_MESSAGES = (OpenKVAgent, SendKVBlocks, ReceiveKVBlocks)
+
+
 def set_threads(tp: int) -> None:
     """Split the host's cores between the ranks on it, so they do not oversubscribe.
 
@@ -58,18 +82,26 @@ def open_group(args: EngineArgs, rank: int, device: torch.device) -> TPGroup:
 
 def serve_rank(runner: ModelRunner, group: TPGroup) -> None:
     """The follower loop: run every broadcast message until Shutdown."""
-    while True:
-        msg = group.broadcast_object()
-        if isinstance(msg, Step):
-            runner.execute(msg.batch)
-        elif isinstance(msg, ReadKV):
-            group.all_gather(runner.read_kv(msg.slots))
-        elif isinstance(msg, WriteKV):
-            full = torch.empty(msg.shape, dtype=runner.dtype, device=group.device)
-            group.broadcast(full)
-            runner.write_kv(msg.slots, full)
-        elif isinstance(msg, Shutdown):
-            return
+    kv_agent: Any = None  # this rank's kvtransfer.group_transfer.RankAgent, once opened
+    try:
+        while True:
+            msg = group.broadcast_object()
+            if isinstance(msg, Step):
+                runner.execute(msg.batch)
+            elif isinstance(msg, ReadKV):
+                group.all_gather(runner.read_kv(msg.slots))
+            elif isinstance(msg, WriteKV):
+                full = torch.empty(msg.shape, dtype=runner.dtype, device=group.device)
+                group.broadcast(full)
+                runner.write_kv(msg.slots, full)
+            elif isinstance(msg, _KV_MESSAGES):
+                from kvtransfer.group_transfer import serve_message
+                kv_agent = serve_message(kv_agent, msg, runner.kv_cache, group.rank, group.all_gather)
+            elif isinstance(msg, Shutdown):
+                return
+    finally:
+        if kv_agent is not None:
+            kv_agent.close()
 
 
 def run_worker(args: EngineArgs, rank: int) -> None:

@@ -1,0 +1,188 @@
+"""Block hand-offs between two TP groups' engines: every rank moves its own heads straight into
+the destination ranks that own them (`kvtransfer.remap`), through its own agent (`agent.py`);
+nothing is gathered through the leader.
+
+The leader (rank 0, holding the `LLMEngine`) drives its group with worker messages
+(`services.engine.worker`: OpenKVAgent, SendKVBlocks, ReceiveKVBlocks); every rank runs its part
+(`RankAgent.run`) and the group agrees on the outcome with one all-gather of a status byte.
+
+Lifecycle of one hand-off, prefill group P (TP a) -> decode group D (TP b):
+1. Once per group: `open_agents(engine, kind, name)` on both -> each rank's published metadata.
+2. D: `reserve_blocks(engine, ...)` -> block ids for the request's computed tokens.
+3. D: `receive_blocks(engine, ...)` and P: `send_blocks(engine, ...)`, concurrently; both return
+   True once every rank's part is DONE. On False, D's reserved blocks are already freed; P still
+   holds its blocks until it releases the request (it may send them elsewhere first).
+4. D: `engine.finish_receive(...)` -> the request joins D's batch.
+
+The calls block the engine thread for the transfer (the small model's 1k-token prompt is ~12 MB
+per rank: milliseconds here); polling transfers from inside the step loop is the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine import LLMEngine, SamplingParams
+from services.engine.errors import EngineError
+from services.engine.worker import OpenKVAgent, ReceiveKVBlocks, SendKVBlocks
+
+from .agent import AgentInfo, BlockTransfer, BlockTransferAgent, BlockTransferState, make_agent
+from .remap import BlockLayout, expand_plan, plan_transfer
+
+AllGather = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def pair_id(transfer_id: str, src_rank: int, dst_rank: int) -> str:
+    return f"{transfer_id}:{src_rank}>{dst_rank}"
+
+
+class RankAgent:
+    """One rank's agent over its whole KV cache (registered once, for the group's life)."""
+
+    def __init__(self, kind: str, name: str, cache: torch.Tensor) -> None:
+        self.agent: BlockTransferAgent = make_agent(kind, name, cache)  # type: ignore[arg-type]
+
+    def metadata(self) -> bytes:
+        return self.agent.metadata()
+
+    def run(self, sends: list[tuple[bytes, np.ndarray, str]], receives: list[str], timeout_s: float) -> bool:
+        """Post `sends` ((peer metadata, descriptors, id)) and await `receives`; True if all landed."""
+        transfers: list[BlockTransfer] = []
+        for peer_meta, descs, tid in sends:
+            peer = AgentInfo.from_bytes(peer_meta).name
+            if peer not in self.agent.peers:
+                self.agent.add_peer(peer_meta)
+            transfers.append(self.agent.send(peer, descs, tid, timeout_s))
+        transfers += [self.agent.receive(tid, timeout_s) for tid in receives]
+        while True:
+            states = [t.poll() for t in transfers]
+            if BlockTransferState.FAILED in states or all(s.finished for s in states):
+                break
+            self.agent.progress()
+            time.sleep(0.0002)
+        if all(s is BlockTransferState.DONE for s in states):
+            return True
+        for t in transfers:
+            t.cancel()
+        return False
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def gather_bytes(group_all_gather: AllGather, data: bytes) -> list[bytes]:
+    """Every rank's `data`, in rank order (two all-gathers: lengths, then padded bytes)."""
+    size = torch.tensor([len(data)], dtype=torch.long)
+    sizes = [int(s.item()) for s in group_all_gather(size)]
+    buf = torch.zeros(max(sizes), dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return [bytes(b[:n].numpy().tobytes()) for b, n in zip(group_all_gather(buf), sizes, strict=True)]
+
+
+def all_ok(engine: LLMEngine, ok: bool) -> bool:
+    """True on every rank only if `ok` on every rank."""
+    if engine.group is None:
+        return ok
+    return all(bool(t.item()) for t in engine.group.all_gather(torch.tensor([int(ok)], dtype=torch.uint8)))
+
+
+def open_agents(engine: LLMEngine, kind: str, name: str) -> list[bytes]:
+    """Give every rank of the engine's group an agent; returns their metadata in rank order."""
+    if engine.kv_agent is not None:
+        raise EngineError("this group's KV agents are already open")
+    if engine.group is not None:
+        engine.group.broadcast_object(OpenKVAgent(kind, name))
+    agent = RankAgent(kind, f"{name}-r0", engine.runner.kv_cache)
+    engine.kv_agent = agent
+    if engine.group is None:
+        return [agent.metadata()]
+    return gather_bytes(engine.group.all_gather, agent.metadata())
+
+
+@dataclass(frozen=True)
+class BlockTarget:
+    """Where a request's KV goes: the destination group's TP degree, ranks' metadata, block ids."""
+
+    tp: int
+    metadata: tuple[bytes, ...]
+    block_ids: tuple[int, ...]
+
+
+def layout(engine: LLMEngine, tp: int) -> BlockLayout:
+    cfg, args = engine.model_config, engine.args
+    return BlockLayout.for_rank(cfg.num_hidden_layers, cfg.num_key_value_heads, tp, args.block_size, cfg.head_dim,
+                                engine.runner.dtype.itemsize)
+
+
+def send_blocks(engine: LLMEngine, request_id: str, target: BlockTarget, transfer_id: str, timeout_s: float) -> bool:
+    """Write the request's computed KV into the destination ranks; True once all of it landed."""
+    seq = engine.seqs.get(request_id)
+    if seq is None or engine.kv_agent is None:
+        raise EngineError(f"request {request_id!r} holds no KV here, or the group has no KV agents")
+    n = -(-seq.num_computed // engine.args.block_size)
+    tp = engine.args.tp
+    plan = plan_transfer(engine.model_config.num_key_value_heads, tp, target.tp)
+    descs = expand_plan(plan, layout(engine, tp), layout(engine, target.tp), seq.block_table[:n],
+                        list(target.block_ids[:n]))
+    msg = SendKVBlocks([(s, d, target.metadata[d], pair_id(transfer_id, s, d), dd) for (s, d), dd in descs.items()],
+                       timeout_s)
+    if engine.group is not None:
+        engine.group.broadcast_object(msg)
+    return all_ok(engine, run_sends(engine.kv_agent, msg, 0))
+
+
+def run_sends(agent: RankAgent, msg: SendKVBlocks, rank: int) -> bool:
+    return agent.run([(meta, descs, tid) for s, _, meta, tid, descs in msg.pairs if s == rank], [], msg.timeout_s)
+
+
+def reserve_blocks(engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                   num_tokens: int) -> list[int]:
+    """Reserve a request that will receive KV for `num_tokens` tokens; its block ids in order."""
+    engine.begin_receive(request_id, prompt_ids, params)
+    seq = engine.seqs[request_id]
+    if not engine.scheduler.grow(seq, num_tokens + 1):
+        engine.abort(request_id)
+        raise EngineError("no free KV blocks to receive this request now")
+    return list(seq.block_table)
+
+
+def receive_blocks(engine: LLMEngine, request_id: str, src_tp: int, transfer_id: str, timeout_s: float) -> bool:
+    """Await the request's KV on every rank; on failure its reserved blocks are freed."""
+    if engine.kv_agent is None:
+        raise EngineError("the group has no KV agents")
+    pairs = plan_transfer(engine.model_config.num_key_value_heads, src_tp, engine.args.tp).pairs()
+    msg = ReceiveKVBlocks([(d, pair_id(transfer_id, s, d)) for s, d in pairs], timeout_s)
+    if engine.group is not None:
+        engine.group.broadcast_object(msg)
+    ok = all_ok(engine, run_receives(engine.kv_agent, msg, 0))
+    if not ok:
+        engine.abort(request_id)
+    return ok
+
+
+def run_receives(agent: RankAgent, msg: ReceiveKVBlocks, rank: int) -> bool:
+    return agent.run([], [tid for d, tid in msg.pairs if d == rank], msg.timeout_s)
+
+
+def serve_message(agent: RankAgent | None, msg: object, runner_cache: torch.Tensor, rank: int,
+                  group_all_gather: AllGather) -> RankAgent | None:
+    """A follower rank's side of the messages above; returns its (possibly new) agent."""
+    if isinstance(msg, OpenKVAgent):
+        agent = RankAgent(msg.kind, f"{msg.name}-r{rank}", runner_cache)
+        gather_bytes(group_all_gather, agent.metadata())
+    elif isinstance(msg, SendKVBlocks):
+        assert agent is not None
+        all_gather_ok(group_all_gather, run_sends(agent, msg, rank))
+    elif isinstance(msg, ReceiveKVBlocks):
+        assert agent is not None
+        all_gather_ok(group_all_gather, run_receives(agent, msg, rank))
+    return agent
+
+
+def all_gather_ok(group_all_gather: AllGather, ok: bool) -> None:
+    group_all_gather(torch.tensor([int(ok)], dtype=torch.uint8))

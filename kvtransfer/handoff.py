@@ -1,0 +1,100 @@
+"""One request's prefill -> decode hand-off, with failover: if the decode group the router chose
+fails to take the KV (its process died mid-transfer, it timed out, it refused), the same KV goes to
+another decode group instead, so the request completes elsewhere and is never lost.
+
+Lifecycle: send to the router's choice -> DONE: done. FAILED (not cancelled, not the client's
+fault) -> pick another live decode group (`pick_decode_group`, pure) -> announce it on the
+request's stream (`redirect`: the gateway then watches that group's lease, not the dead one's) ->
+send again; at most `max_attempts` groups. The caller holds the KV (a `KVExport`, already out of
+its cache) for the whole hand-off and drops it afterwards, so nothing stays allocated on the
+prefill side; a decode group frees what it allocated for a transfer that did not complete
+(`add_prefilled` aborts), and a dead one takes its memory with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.cluster.schema import GroupRecord
+from services.metrics import NodeMetrics
+from services.rpc import pb
+
+from .base import KVBackend, KVHandoff, TransferState
+
+log = logging.getLogger(__name__)
+
+# Failures that another decode group would see too: do not fail over.
+_FINAL_KINDS = (pb.CANCELLED, pb.BAD_REQUEST)
+
+
+@dataclass(frozen=True)
+class DecodeTarget:
+    group_id: str
+    address: str
+
+
+@dataclass
+class HandoffResult:
+    target: DecodeTarget | None  # where the KV landed; None when every attempt failed
+    error: pb.Error | None = None  # the last failure, when target is None
+    failures: list[tuple[str, pb.Error]] = field(default_factory=list)  # (group_id, why) per failed attempt
+    seconds: float = 0.0
+    bytes_sent: int = 0
+
+
+def failure_reason(err: pb.Error) -> str:
+    """The metrics label of a failed transfer: its error kind in lower case."""
+    return pb.ErrorKind.Name(err.kind).lower()
+
+
+def pick_decode_group(groups: Sequence[GroupRecord], tried: set[str], epoch: int) -> DecodeTarget | None:
+    """The live decode group to fail over to: not tried yet, of the request's epoch if one is,
+    with the most free KV blocks (ties: the fewest running requests)."""
+    live = [g for g in groups if g.role == "decode" and g.address and g.group_id not in tried]
+    same_epoch = [g for g in live if g.epoch == epoch]
+    best = max(same_epoch or live, key=lambda g: (g.free_kv_blocks, -g.running, g.group_id), default=None)
+    return None if best is None else DecodeTarget(best.group_id, best.address)
+
+
+async def hand_off(backend: KVBackend, handoff: KVHandoff, first: DecodeTarget,
+                   find_other: Callable[[set[str]], Awaitable[DecodeTarget | None]],
+                   redirect: Callable[[DecodeTarget], Awaitable[None]], metrics: NodeMetrics,
+                   max_attempts: int = 3) -> HandoffResult:
+    """Send `handoff` to `first`, failing over to other decode groups; never raises for a failed
+    transfer (the result says what happened)."""
+    rid = handoff.request.request_id
+    result = HandoffResult(None)
+    target: DecodeTarget | None = first
+    tried: set[str] = set()
+    started = time.perf_counter()
+    while target is not None:
+        tried.add(target.group_id)
+        sender = backend.sender(target.address)
+        sender.send(handoff)
+        state = await sender.wait()
+        metrics.kv_transfer_seconds.observe(getattr(sender, "seconds", 0.0))
+        result.bytes_sent += getattr(sender, "bytes_sent", 0)
+        metrics.kv_transfer_bytes.labels("sent").inc(getattr(sender, "bytes_sent", 0))
+        if state is TransferState.DONE:
+            result.target = target
+            break
+        err = sender.error or pb.Error(kind=pb.INTERNAL, message="KV transfer failed")
+        result.failures.append((target.group_id, err))
+        result.error = err
+        metrics.kv_transfer_failures.labels(failure_reason(err)).inc()
+        if err.kind in _FINAL_KINDS or len(tried) >= max_attempts:
+            break
+        target = await find_other(tried)
+        if target is None:
+            break
+        log.warning("KV hand-off of %s to %s failed (%s); handing it to %s instead", rid,
+                    result.failures[-1][0], err.message, target.group_id)
+        metrics.kv_handoff_failovers.inc()
+        await redirect(target)
+    result.seconds = time.perf_counter() - started
+    if result.target is None:
+        log.error("KV hand-off of %s failed on %s", rid, ", ".join(f"{g}: {e.message}" for g, e in result.failures))
+    return result
