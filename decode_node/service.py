@@ -2,7 +2,9 @@
 streams every step's new tokens to the requests' output streams.
 
 Lifecycle of one request here: KV handoff arrives (kvtransfer receiver) -> add_prefilled (joins
-the batch at the next step) -> one event per step -> the event with finish_reason. A cancelled
+the batch at the next step) -> one event per step -> the event with finish_reason. Over the block
+path (this group's agents open): ReserveKV (blocks reserved, the ranks await the KV) -> the prefill
+ranks write it -> CommitKV (joins the batch) or ReleaseKV (blocks freed); kvtransfer/block_handoff.py. A cancelled
 request is aborted at once, which frees its KV blocks and its place in the batch.
 """
 
@@ -16,9 +18,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvtransfer.base import KVHandoff, TransferState
+from kvtransfer.block_handoff import BlockReceiver
 from kvtransfer.grpc_backend import GrpcKVBackend, GrpcKVReceiver
 from services.config import NodeConfig
-from services.engine import BadRequestError, EngineError, RequestOutput
+from services.engine import BadRequestError, EngineError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
 from services.rpc import pb, pb_grpc
@@ -42,12 +45,19 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self._requests: dict[str, pb.QueuedRequest] = {}
         self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]] | asyncio.Future[None]] = asyncio.Queue()
         self._sender: GrpcKVBackend | None = None
-        self.metrics.set_kv_backend(GrpcKVBackend.name)
+        self.blocks: BlockReceiver | None = None  # the block path, once this group's agents are open
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(self, server)
         pb_grpc.add_KVTransferServicer_to_server(self.receiver, server)
         self.tasks.spawn(self._write_events(), name="event-writer")
+
+    async def start(self, engine: LLMEngine) -> None:
+        await super().start(engine)
+        if engine.kv_agent is not None:
+            assert self.loop is not None
+            self.blocks = BlockReceiver(engine, self.loop, self.kv_metadata, self.tasks, self.config.group_id,
+                                        self.config.kv_timeout_s)
 
     async def close(self) -> None:
         if self._sender is not None:
@@ -193,6 +203,41 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self.metrics.aborted.inc()
         self.aborted += 1
         log.info("aborted %s (client gone); its KV blocks are free", request_id)
+
+    # ---- the block path (kvtransfer/block_handoff.py) -------------------------------------------
+    async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVReply:  # noqa: N802
+        q = request.request
+        if self.blocks is None:
+            return pb.ReserveKVReply(error=error(pb.UNAVAILABLE, f"decode group {self.config.group_id} takes KV "
+                                                                 "over gRPC only (no KV agents)"))
+        if not self.admitting:
+            return pb.ReserveKVReply(error=error(pb.OVERLOADED, f"decode group {self.config.group_id} is being "
+                                                                "reconfigured", retry_after_s=0.5))
+        if await self.cluster.is_cancelled(q.request_id):
+            return pb.ReserveKVReply(error=error(pb.CANCELLED, "cancelled before decode"))
+        return await self.blocks.reserve(request, sampling_of(q.sampling))
+
+    async def CommitKV(self, request: pb.CommitKVRequest, context: grpc.aio.ServicerContext) -> pb.CommitKVReply:  # noqa: N802
+        rid = request.request_id
+        q = self.blocks.reserved(rid) if self.blocks is not None else None
+        if self.blocks is None or q is None:
+            return pb.CommitKVReply(error=error(pb.UNAVAILABLE, f"no KV reservation for {rid} here"))
+        if not self.admitting:
+            await self.blocks.release(pb.ReleaseKVRequest(request_id=rid, transfer_id=request.transfer_id))
+            return pb.CommitKVReply(error=error(pb.OVERLOADED, f"decode group {self.config.group_id} is being "
+                                                               "reconfigured", retry_after_s=0.5))
+        self._active.add(rid)  # before the engine can emit its first decode step
+        self._requests[rid] = q
+        err = await self.blocks.commit(request)
+        if err is not None:
+            self._forget(rid)
+            return pb.CommitKVReply(error=err)
+        if await self.cluster.is_cancelled(rid):  # cancelled while the KV was in flight
+            await self.on_cancel(rid)
+        return pb.CommitKVReply()
+
+    async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVReply:  # noqa: N802
+        return pb.ReleaseKVReply(found=self.blocks is not None and await self.blocks.release(request))
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
         return self.health()

@@ -3,7 +3,8 @@
 A receiving process that dies mid-transfer cannot be provoked from outside at the right moment,
 so end-to-end tests (tests/e2e/test_handoff.py) start one slot with `NITSUM_TEST_FAULT=<point>`
 (`LaunchConfig.slot_env`). Points: `kv-receive` (a decode leader, once the first chunk of a KV
-hand-off has arrived and before it is admitted). Unset in production: then `maybe_die` does
+hand-off has arrived and before it is admitted; on the block path, any decode rank once its
+receives are posted, the prefill ranks writing or about to write). Unset in production: then `maybe_die` does
 nothing.
 """
 

@@ -20,6 +20,7 @@ per rank: milliseconds here); polling transfers from inside the step loop is the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ from services.engine.errors import EngineError
 from services.engine.worker import OpenKVAgent, ReceiveKVBlocks, SendKVBlocks
 
 from .agent import AgentInfo, BlockTransfer, BlockTransferAgent, BlockTransferState, make_agent
+from .faults import maybe_die
 from .remap import BlockLayout, expand_plan, plan_transfer
 
+log = logging.getLogger(__name__)
 AllGather = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
@@ -51,14 +54,20 @@ class RankAgent:
         return self.agent.metadata()
 
     def run(self, sends: list[tuple[bytes, np.ndarray, str]], receives: list[str], timeout_s: float) -> bool:
-        """Post `sends` ((peer metadata, descriptors, id)) and await `receives`; True if all landed."""
+        """Post `sends` ((peer metadata, descriptors, id)) and await `receives`; True if all landed.
+        Never raises: every rank must reach the group's all-gather of the outcome."""
         transfers: list[BlockTransfer] = []
-        for peer_meta, descs, tid in sends:
-            peer = AgentInfo.from_bytes(peer_meta).name
-            if peer not in self.agent.peers:
-                self.agent.add_peer(peer_meta)
-            transfers.append(self.agent.send(peer, descs, tid, timeout_s))
-        transfers += [self.agent.receive(tid, timeout_s) for tid in receives]
+        try:
+            for peer_meta, descs, tid in sends:
+                transfers.append(self.agent.send(self._peer(peer_meta), descs, tid, timeout_s))
+            transfers += [self.agent.receive(tid, timeout_s) for tid in receives]
+        except Exception:
+            log.exception("kvtransfer: agent %s could not post its transfers", self.agent.name)
+            for t in transfers:
+                t.cancel()
+            return False
+        if receives:
+            maybe_die("kv-receive")
         while True:
             states = [t.poll() for t in transfers]
             if BlockTransferState.FAILED in states or all(s.finished for s in states):
@@ -71,16 +80,35 @@ class RankAgent:
             t.cancel()
         return False
 
+    def _peer(self, metadata: bytes) -> str:
+        """The peer's name, (re)loading its metadata when it is new or changed (a restarted group)."""
+        info = AgentInfo.from_bytes(metadata)
+        if self.agent.peers.get(info.name) != info:
+            if info.name in self.agent.peers:
+                self.agent.remove_peer(info.name)
+            self.agent.add_peer(metadata)
+        return info.name
+
     def close(self) -> None:
         self.agent.close()
+
+
+def try_agent(kind: str, name: str, cache: torch.Tensor) -> RankAgent | None:
+    """A rank's agent, or None (logged) when its backend cannot start here."""
+    try:
+        return RankAgent(kind, name, cache)
+    except Exception:
+        log.exception("kvtransfer: could not open agent %s (%s)", name, kind)
+        return None
 
 
 def gather_bytes(group_all_gather: AllGather, data: bytes) -> list[bytes]:
     """Every rank's `data`, in rank order (two all-gathers: lengths, then padded bytes)."""
     size = torch.tensor([len(data)], dtype=torch.long)
     sizes = [int(s.item()) for s in group_all_gather(size)]
-    buf = torch.zeros(max(sizes), dtype=torch.uint8)
-    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = torch.zeros(max(1, *sizes), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return [bytes(b[:n].numpy().tobytes()) for b, n in zip(group_all_gather(buf), sizes, strict=True)]
 
 
@@ -92,16 +120,31 @@ def all_ok(engine: LLMEngine, ok: bool) -> bool:
 
 
 def open_agents(engine: LLMEngine, kind: str, name: str) -> list[bytes]:
-    """Give every rank of the engine's group an agent; returns their metadata in rank order."""
+    """Give every rank of the engine's group an agent; returns their metadata in rank order.
+    Raises EngineError (the group keeps no agent on rank 0) when any rank's agent failed."""
     if engine.kv_agent is not None:
         raise EngineError("this group's KV agents are already open")
     if engine.group is not None:
         engine.group.broadcast_object(OpenKVAgent(kind, name))
-    agent = RankAgent(kind, f"{name}-r0", engine.runner.kv_cache)
+    agent = try_agent(kind, f"{name}-r0", engine.runner.kv_cache)
+    mine = agent.metadata() if agent is not None else b""
+    metadata = [mine] if engine.group is None else gather_bytes(engine.group.all_gather, mine)
+    if not all(metadata):
+        if agent is not None:
+            agent.close()
+        raise EngineError(f"ranks {[r for r, m in enumerate(metadata) if not m]} could not open a {kind} KV agent")
     engine.kv_agent = agent
-    if engine.group is None:
-        return [agent.metadata()]
-    return gather_bytes(engine.group.all_gather, agent.metadata())
+    return metadata
+
+
+def sampler_state(engine: LLMEngine, request_id: str) -> bytes:
+    """The request's sampler state as bytes (empty when it samples greedily), for `finish_receive`."""
+    generator = engine.seqs[request_id].generator
+    return b"" if generator is None else bytes(generator.get_state().numpy().tobytes())
+
+
+def sampler_state_tensor(data: bytes) -> torch.Tensor | None:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
 
 
 @dataclass(frozen=True)
@@ -173,14 +216,14 @@ def serve_message(agent: RankAgent | None, msg: object, runner_cache: torch.Tens
                   group_all_gather: AllGather) -> RankAgent | None:
     """A follower rank's side of the messages above; returns its (possibly new) agent."""
     if isinstance(msg, OpenKVAgent):
-        agent = RankAgent(msg.kind, f"{msg.name}-r{rank}", runner_cache)
-        gather_bytes(group_all_gather, agent.metadata())
+        if agent is not None:  # not reached in practice: one agent per group, opened once
+            agent.close()
+        agent = try_agent(msg.kind, f"{msg.name}-r{rank}", runner_cache)
+        gather_bytes(group_all_gather, agent.metadata() if agent is not None else b"")
     elif isinstance(msg, SendKVBlocks):
-        assert agent is not None
-        all_gather_ok(group_all_gather, run_sends(agent, msg, rank))
+        all_gather_ok(group_all_gather, agent is not None and run_sends(agent, msg, rank))
     elif isinstance(msg, ReceiveKVBlocks):
-        assert agent is not None
-        all_gather_ok(group_all_gather, run_receives(agent, msg, rank))
+        all_gather_ok(group_all_gather, agent is not None and run_receives(agent, msg, rank))
     return agent
 
 

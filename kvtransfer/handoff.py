@@ -2,6 +2,9 @@
 fails to take the KV (its process died mid-transfer, it timed out, it refused), the same KV goes to
 another decode group instead, so the request completes elsewhere and is never lost.
 
+`fail_over` is the loop, for any way of moving the KV (the gRPC bytes here, the block path of
+`block_handoff.py`); `hand_off` runs it over a `KVBackend`.
+
 Lifecycle: send to the router's choice -> DONE: done. FAILED (not cancelled, not the client's
 fault) -> pick another live decode group (`pick_decode_group`, pure) -> announce it on the
 request's stream (`redirect`: the gateway then watches that group's lease, not the dead one's) ->
@@ -43,6 +46,7 @@ class HandoffResult:
     failures: list[tuple[str, pb.Error]] = field(default_factory=list)  # (group_id, why) per failed attempt
     seconds: float = 0.0
     bytes_sent: int = 0
+    last_tried: DecodeTarget | None = None  # the group the request's stream names now
 
 
 def failure_reason(err: pb.Error) -> str:
@@ -59,29 +63,26 @@ def pick_decode_group(groups: Sequence[GroupRecord], tried: set[str], epoch: int
     return None if best is None else DecodeTarget(best.group_id, best.address)
 
 
-async def hand_off(backend: KVBackend, handoff: KVHandoff, first: DecodeTarget,
-                   find_other: Callable[[set[str]], Awaitable[DecodeTarget | None]],
-                   redirect: Callable[[DecodeTarget], Awaitable[None]], metrics: NodeMetrics,
-                   max_attempts: int = 3) -> HandoffResult:
-    """Send `handoff` to `first`, failing over to other decode groups; never raises for a failed
-    transfer (the result says what happened)."""
-    rid = handoff.request.request_id
+Attempt = Callable[[DecodeTarget], Awaitable[pb.Error | None]]
+
+
+async def fail_over(attempt: Attempt, first: DecodeTarget,
+                    find_other: Callable[[set[str]], Awaitable[DecodeTarget | None]],
+                    redirect: Callable[[DecodeTarget], Awaitable[None]], metrics: NodeMetrics,
+                    max_attempts: int = 3, request_id: str = "") -> HandoffResult:
+    """Run `attempt` (one hand-off to one decode group: None when it took the request, else why
+    not) on `first`, then on other decode groups while it fails; never raises for a failed one."""
     result = HandoffResult(None)
     target: DecodeTarget | None = first
     tried: set[str] = set()
     started = time.perf_counter()
     while target is not None:
         tried.add(target.group_id)
-        sender = backend.sender(target.address)
-        sender.send(handoff)
-        state = await sender.wait()
-        metrics.kv_transfer_seconds.observe(getattr(sender, "seconds", 0.0))
-        result.bytes_sent += getattr(sender, "bytes_sent", 0)
-        metrics.kv_transfer_bytes.labels("sent").inc(getattr(sender, "bytes_sent", 0))
-        if state is TransferState.DONE:
+        result.last_tried = target
+        err = await attempt(target)
+        if err is None:
             result.target = target
             break
-        err = sender.error or pb.Error(kind=pb.INTERNAL, message="KV transfer failed")
         result.failures.append((target.group_id, err))
         result.error = err
         metrics.kv_transfer_failures.labels(failure_reason(err)).inc()
@@ -90,11 +91,38 @@ async def hand_off(backend: KVBackend, handoff: KVHandoff, first: DecodeTarget,
         target = await find_other(tried)
         if target is None:
             break
-        log.warning("KV hand-off of %s to %s failed (%s); handing it to %s instead", rid,
+        log.warning("KV hand-off of %s to %s failed (%s); handing it to %s instead", request_id,
                     result.failures[-1][0], err.message, target.group_id)
         metrics.kv_handoff_failovers.inc()
         await redirect(target)
     result.seconds = time.perf_counter() - started
     if result.target is None:
-        log.error("KV hand-off of %s failed on %s", rid, ", ".join(f"{g}: {e.message}" for g, e in result.failures))
+        log.error("KV hand-off of %s failed on %s", request_id,
+                  ", ".join(f"{g}: {e.message}" for g, e in result.failures))
+    return result
+
+
+async def hand_off(backend: KVBackend, handoff: KVHandoff, first: DecodeTarget,
+                   find_other: Callable[[set[str]], Awaitable[DecodeTarget | None]],
+                   redirect: Callable[[DecodeTarget], Awaitable[None]], metrics: NodeMetrics,
+                   max_attempts: int = 3) -> HandoffResult:
+    """Send `handoff` (its KV gathered as bytes) to `first` over `backend`, failing over to other
+    decode groups; never raises for a failed transfer (the result says what happened)."""
+    sent = 0
+
+    async def attempt(target: DecodeTarget) -> pb.Error | None:
+        nonlocal sent
+        sender = backend.sender(target.address)
+        sender.send(handoff)
+        state = await sender.wait()
+        metrics.kv_transfer_seconds.observe(getattr(sender, "seconds", 0.0))
+        sent += getattr(sender, "bytes_sent", 0)
+        metrics.kv_transfer_bytes.labels("sent").inc(getattr(sender, "bytes_sent", 0))
+        if state is TransferState.DONE:
+            return None
+        return sender.error or pb.Error(kind=pb.INTERNAL, message="KV transfer failed")
+
+    result = await fail_over(attempt, first, find_other, redirect, metrics, max_attempts,
+                             handoff.request.request_id)
+    result.bytes_sent = sent
     return result

@@ -3,10 +3,12 @@ request's output stream (so TTFT never waits for the KV transfer), then hands th
 decode group named in the assignment and answers the router.
 
 Lifecycle of one request here: Prefill RPC -> add_request(prefill_only) -> the step that
-samples the first token -> first token event -> export_kv + release -> KV hand-off
-(`kvtransfer.handoff`: to the router's decode group, or, when that one fails mid-way, to another
-live decode group) -> reply. A request that finishes at its first token (stop token, max_tokens 1)
-skips the handoff.
+samples the first token -> first token event -> KV hand-off -> reply. The hand-off goes to the
+router's decode group, or, when that one fails mid-way, to another live decode group
+(`kvtransfer.handoff.fail_over`). With agents open (kv_backend auto | nixl | local) it is the block
+path (`kvtransfer.block_handoff`: every rank writes its own blocks, then release); when that
+reaches no decode group, or without agents, it is export_kv + release + the gathered bytes over
+gRPC. A request that finishes at its first token (stop token, max_tokens 1) skips the handoff.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import time
 import grpc
 
 from kvtransfer.base import KVHandoff
+from kvtransfer.block_handoff import BlockSender
 from kvtransfer.grpc_backend import GrpcKVBackend
-from kvtransfer.handoff import DecodeTarget, hand_off, pick_decode_group
+from kvtransfer.handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
 from services.config import NodeConfig
-from services.engine import BadRequestError, RequestOutput
+from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
 from services.rpc import pb, pb_grpc
@@ -33,16 +36,23 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
     def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         super().__init__(config, metrics)
         self.kv = GrpcKVBackend(self.config.kv_chunk_bytes, self.config.kv_timeout_s)
-        self.metrics.set_kv_backend(self.kv.name)
-        log.info("group %s hands KV to decode groups over the %s backend", self.config.group_id, self.kv.name)
+        self.blocks: BlockSender | None = None  # the block path, once this group's agents are open
         self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
         self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-over)
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_PrefillServicer_to_server(self, server)
 
+    async def start(self, engine: LLMEngine) -> None:
+        await super().start(engine)
+        if engine.kv_agent is not None:
+            assert self.loop is not None
+            self.blocks = BlockSender(engine, self.loop, self.metrics, self.config.kv_timeout_s)
+
     async def close(self) -> None:
         await self.kv.close()
+        if self.blocks is not None:
+            await self.blocks.close()
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -128,10 +138,6 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
     async def _hand_over(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
         q, rid = request.request, request.request.request_id
-        try:
-            kv = await self.loop.call(self.engine.export_kv, rid)
-        finally:
-            await self.loop.call(self.engine.release, rid)
 
         async def find_other(tried: set[str]) -> DecodeTarget | None:
             return pick_decode_group(await self.cluster.groups(), tried, request.epoch)
@@ -139,9 +145,33 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         async def redirect(target: DecodeTarget) -> None:
             await self.cluster.emit(rid, pb.TokenEvent(time_s=time.time(), next_group=target.group_id))
 
-        result = await hand_off(self.kv, KVHandoff(q, (first,), kv, request.epoch),
-                                DecodeTarget(request.decode_group, request.decode_address), find_other, redirect,
-                                self.metrics, self.config.kv_handoff_attempts)
+        target = DecodeTarget(request.decode_group, request.decode_address)
+        attempts = self.config.kv_handoff_attempts
+        if self.blocks is not None:
+            blocks = self.blocks
+
+            async def attempt(t: DecodeTarget) -> pb.Error | None:
+                return await blocks.attempt(q, [first], request.epoch, t)
+
+            try:
+                result = await fail_over(attempt, target, find_other, redirect, self.metrics, attempts, rid)
+            except Exception:
+                log.exception("block hand-off of %s failed", rid)
+                result = HandoffResult(None)
+            if result.target is not None or (result.error is not None and result.error.kind == pb.CANCELLED):
+                await self.loop.call(self.engine.release, rid)
+                return await self._reply(rid, result, first, prefill_s)
+            log.warning("KV blocks of %s reached no decode group; sending the KV over gRPC", rid)
+            target = result.last_tried or target  # the group the request's stream names now
+        try:
+            kv = await self.loop.call(self.engine.export_kv, rid)
+        finally:
+            await self.loop.call(self.engine.release, rid)
+        result = await hand_off(self.kv, KVHandoff(q, (first,), kv, request.epoch), target, find_other, redirect,
+                                self.metrics, attempts)
+        return await self._reply(rid, result, first, prefill_s)
+
+    async def _reply(self, rid: str, result: HandoffResult, first: int, prefill_s: float) -> pb.PrefillReply:
         if result.target is None:
             err = result.error or error(pb.INTERNAL, "KV transfer failed")
             if err.kind != pb.CANCELLED:  # no decode group took it: tell the client

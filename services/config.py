@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.tiers import DEFAULT_TIERS, Tier
 
+KVBackendSetting = Literal["grpc", "auto", "nixl", "local"]  # NodeConfig.kv_backend
 DEFAULT_SERVICE_TIERS = {"priority": "interactive", "default": "standard", "auto": "standard", "flex": "batch"}
 
 
@@ -162,6 +163,10 @@ class NodeConfig(_Frozen):
     kv_chunk_bytes: int = Field(default=4 << 20, ge=1024)
     kv_timeout_s: float = Field(default=30.0, gt=0)  # one KV hand-off attempt, sent to received
     kv_handoff_attempts: int = Field(default=3, ge=1)  # decode groups tried before the request fails
+    # How KV moves prefill -> decode: "grpc" gathers it on the prefill leader and streams bytes;
+    # "auto" | "nixl" | "local" use the block path (every rank writes its own heads through its
+    # own agent: NIXL where it works for auto, else sockets), falling back to gRPC when it fails.
+    kv_backend: KVBackendSetting = "grpc"
 
     @model_validator(mode="after")
     def _group_shape(self) -> NodeConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -28,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-backend", choices=("grpc", "auto", "nixl", "local"),
+                   default=os.environ.get("NITSUM_KV_BACKEND", "grpc"),
+                   help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
+                        "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
+                        "or grpc)")
 
 
 def build_config(role: str, args: argparse.Namespace) -> NodeConfig:
@@ -35,7 +41,7 @@ def build_config(role: str, args: argparse.Namespace) -> NodeConfig:
                       epoch=args.epoch, dist_addr=args.dist_addr, host=args.host, port=args.port,
                       metrics_port=args.metrics_port, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
                       device=args.device, dtype=args.dtype, block_size=args.block_size,
-                      max_num_seqs=args.max_num_seqs)
+                      max_num_seqs=args.max_num_seqs, kv_backend=args.kv_backend)
 
 
 def run_node(role: str, args: argparse.Namespace) -> int:

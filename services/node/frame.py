@@ -17,9 +17,11 @@ from abc import ABC, abstractmethod
 
 import grpc
 
+from kvtransfer.block_handoff import backend_of
+from kvtransfer.group_transfer import open_agents
 from services.cluster import ClusterClient, GroupRecord, SlotRecord
 from services.config import NodeConfig
-from services.engine import EngineArgs, LLMEngine, RequestOutput, SamplingParams
+from services.engine import EngineArgs, EngineError, LLMEngine, RequestOutput, SamplingParams
 from services.metrics import NodeMetrics
 from services.rpc import pb
 from services.tasks import TaskSet
@@ -57,6 +59,8 @@ class GroupLeader(ABC):
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self.aborted = 0
+        self.kv_backend = "grpc"  # what moves this group's KV hand-offs: grpc, or the agents' nixl | local
+        self.kv_metadata: list[bytes] = []  # every rank's agent metadata, once the agents are open
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT, or when the engine thread dies
 
@@ -90,6 +94,7 @@ class GroupLeader(ABC):
     async def start(self, engine: LLMEngine) -> None:
         """Serve `engine`: engine thread, gRPC server, registration and heartbeats."""
         self.engine = engine
+        await self._open_kv_agents(engine)
         self.loop = EngineLoop(self.engine, self.on_outputs)
         self.loop.start()
         self.server = server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -102,6 +107,19 @@ class GroupLeader(ABC):
         self.tasks.spawn(self._follow_cancellations(), name="cancellations")
         log.info("%s group %s ready at %s (tp %d, epoch %d)", self.config.role, self.config.group_id, self.address,
                  self.config.tp, self.config.epoch)
+
+    async def _open_kv_agents(self, engine: LLMEngine) -> None:
+        """The block path: an agent on every rank, registered over its KV cache for the group's
+        life (this epoch); the engine's shutdown closes them. On failure the group uses gRPC."""
+        kind, gid = self.config.kv_backend, self.config.group_id
+        if kind != "grpc":
+            try:
+                self.kv_metadata = await asyncio.to_thread(open_agents, engine, kind, f"{gid}-e{self.config.epoch}")
+                self.kv_backend = backend_of(engine)
+            except EngineError as e:
+                log.warning("group %s: %s; it moves KV over gRPC instead", gid, e)
+        self.metrics.set_kv_backend(self.kv_backend)
+        log.info("group %s moves KV between groups over the %s backend (kv_backend %s)", gid, self.kv_backend, kind)
 
     async def stop(self) -> None:
         """Unregister (so no new work comes), stop the server with a short grace, stop the engine

@@ -6,7 +6,8 @@ followers executing what the leader broadcasts (services/engine/worker.py). The 
 (router/orchestrator.py) moves slots from plan epoch e to e+1 with these verbs, each a
 `SlotControl.Command` with JSON arguments and a JSON result:
 
-  status                   -> {index, pid, held: [tp, rank] | null, group: {...} | null, parked}
+  status                   -> {index, pid, held: [tp, rank] | null, group: {...} | null, parked,
+                               kv_backend: what its group's hand-offs use (leaders) | null}
   open_store {}            -> {addr}: host a TCPStore for this transition's process groups
   drain {finish_within, wait_s, targets: [[group_id, address], ...]}
                            -> {finished, migrated, parked}: leaders only (a no-op elsewhere)
@@ -46,7 +47,7 @@ from kvtransfer.base import KVHandoff, TransferState
 from kvtransfer.grpc_backend import GrpcKVBackend
 from services.cluster import ClusterClient, SlotRecord
 from services.cluster.redis_server import free_port
-from services.config import NodeConfig, RedisSettings
+from services.config import KVBackendSetting, NodeConfig, RedisSettings
 from services.engine.config import EngineArgs, ModelConfig
 from services.engine.dist import TPGroup, make_store
 from services.engine.engine import LLMEngine, attach_group
@@ -77,6 +78,7 @@ class SlotConfig:
     heartbeat_s: float = 0.5
     dist_timeout_s: float = 60.0
     kv_cache_bytes: int = 1 << 30
+    kv_backend: KVBackendSetting = "grpc"  # NodeConfig.kv_backend of every group this slot leads
 
     @property
     def slot_id(self) -> str:
@@ -218,7 +220,8 @@ class Slot(pb_grpc.SlotControlServicer):
                 "held": None if self.held is None else [self.held.tp, self.held.rank],
                 "group": None if self.assignment is None else self.assignment.to_dict(),
                 "held_bytes": self.runner.weight_bytes if self.runner is not None else 0,
-                "serving": self.leader is not None or self.follower is not None, "parked": len(self.parked)}
+                "serving": self.leader is not None or self.follower is not None, "parked": len(self.parked),
+                "kv_backend": self.leader.kv_backend if self.leader is not None else None}
 
     async def _verb_open_store(self, args: dict[str, Any]) -> dict[str, Any]:
         port = free_port(self.config.host)
@@ -371,7 +374,8 @@ class Slot(pb_grpc.SlotControlServicer):
                           epoch=a.epoch, slot_id=self.config.slot_id, host=self.config.host, redis=self.config.redis,
                           dist_addr=store if a.tp > 1 else None, device=self.config.device, dtype=self.config.dtype,
                           block_size=self.config.block_size, max_num_seqs=self.config.max_num_seqs,
-                          lease_ms=self.config.lease_ms, heartbeat_s=self.config.heartbeat_s)
+                          lease_ms=self.config.lease_ms, heartbeat_s=self.config.heartbeat_s,
+                          kv_backend=self.config.kv_backend)
         if a.role == "prefill":
             from prefill_node.service import PrefillLeader
             self.leader = PrefillLeader(node, self.metrics)

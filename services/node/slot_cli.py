@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 from services.cliutil import fail, setup_logging
 from services.config import RedisSettings
+
+KV_BACKENDS = ("grpc", "auto", "nixl", "local")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "grpc"),
+                   help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
+                        "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
+                        "or grpc)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,13 +48,16 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not (model / "config.json").is_file():
         return fail("slot", f"--model {model}: no config.json there (a Hugging Face checkpoint folder is needed)")
+    if args.kv_backend not in KV_BACKENDS:
+        return fail("slot", f"--kv-backend {args.kv_backend}: choose one of {', '.join(KV_BACKENDS)}")
     if args.index < 0:
         return fail("slot", f"--index {args.index}: slots are numbered from 0")
     config = SlotConfig(index=args.index, model=model, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
                         host=args.host, port=args.port, metrics_port=args.metrics_port,
                         device="cuda:0" if args.device == "cuda" else args.device,
                         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), dist_timeout_s=args.dist_timeout,
-                        dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs)
+                        dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                        kv_backend=args.kv_backend)
     return asyncio.run(Slot(config).serve())
 
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cnitsum.proto\x12\tnitsum.v1\"\xa3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\x85\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tarrival_s\x18\x03 \x01(\x01\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.nitsum.v1.SamplingParams\"S\n\x05\x45rror\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.nitsum.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\x92\x01\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x0e\n\x06time_s\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x12\n\nnext_group\x18\x06 \x01(\t\"x\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"}\n\x0cPrefillReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x80\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\"\x88\x01\n\x0fKVHandoffHeader\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.nitsum.v1.KVHandoffHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\x05KVAck\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\".\n\x0bSlotCommand\x12\x0c\n\x04verb\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"A\n\tSlotReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0bresult_json\x18\x02 \x01(\t*v\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\x0e\n\nOVERLOADED\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xbd\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.nitsum.v1.PrefillRequest\x1a\x17.nitsum.v1.PrefillReply\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2}\n\x06\x44\x65\x63ode\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2>\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.nitsum.v1.KVChunk\x1a\x10.nitsum.v1.KVAck(\x01\x32\x46\n\x0bSlotControl\x12\x37\n\x07\x43ommand\x12\x16.nitsum.v1.SlotCommand\x1a\x14.nitsum.v1.SlotReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cnitsum.proto\x12\tnitsum.v1\"\xa3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\x85\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tarrival_s\x18\x03 \x01(\x01\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.nitsum.v1.SamplingParams\"S\n\x05\x45rror\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.nitsum.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\x92\x01\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x0e\n\x06time_s\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x12\n\nnext_group\x18\x06 \x01(\t\"x\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x14\n\x0c\x64\x65\x63ode_group\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"}\n\x0cPrefillReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x80\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\"\x88\x01\n\x0fKVHandoffHeader\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x12\n\noutput_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x07KVChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.nitsum.v1.KVHandoffHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\x05KVAck\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\"\xa9\x01\n\x10ReserveKVRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.nitsum.v1.QueuedRequest\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0e\n\x06src_tp\x18\x03 \x01(\r\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\"h\n\x0eReserveKVReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x16\n\x0e\x61gent_metadata\x18\x04 \x03(\x0c\"a\n\x0f\x43ommitKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\noutput_ids\x18\x03 \x03(\r\x12\x11\n\trng_state\x18\x04 \x01(\x0c\"0\n\rCommitKVReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\";\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\"\x1f\n\x0eReleaseKVReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\".\n\x0bSlotCommand\x12\x0c\n\x04verb\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"A\n\tSlotReply\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.nitsum.v1.Error\x12\x13\n\x0bresult_json\x18\x02 \x01(\t*v\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x01\x12\x0e\n\nOVERLOADED\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\x0c\n\x08INTERNAL\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xbd\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.nitsum.v1.PrefillRequest\x1a\x17.nitsum.v1.PrefillReply\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply2\xc9\x02\n\x06\x44\x65\x63ode\x12\x37\n\x05\x41\x62ort\x12\x17.nitsum.v1.AbortRequest\x1a\x15.nitsum.v1.AbortReply\x12:\n\x06Health\x12\x18.nitsum.v1.HealthRequest\x1a\x16.nitsum.v1.HealthReply\x12\x43\n\tReserveKV\x12\x1b.nitsum.v1.ReserveKVRequest\x1a\x19.nitsum.v1.ReserveKVReply\x12@\n\x08\x43ommitKV\x12\x1a.nitsum.v1.CommitKVRequest\x1a\x18.nitsum.v1.CommitKVReply\x12\x43\n\tReleaseKV\x12\x1b.nitsum.v1.ReleaseKVRequest\x1a\x19.nitsum.v1.ReleaseKVReply2>\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.nitsum.v1.KVChunk\x1a\x10.nitsum.v1.KVAck(\x01\x32\x46\n\x0bSlotControl\x12\x37\n\x07\x43ommand\x12\x16.nitsum.v1.SlotCommand\x1a\x14.nitsum.v1.SlotReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nitsum_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORKIND']._serialized_start=1390
-  _globals['_ERRORKIND']._serialized_end=1508
+  _globals['_ERRORKIND']._serialized_start=1911
+  _globals['_ERRORKIND']._serialized_end=2029
   _globals['_SAMPLINGPARAMS']._serialized_start=28
   _globals['_SAMPLINGPARAMS']._serialized_end=191
   _globals['_QUEUEDREQUEST']._serialized_start=194
@@ -60,16 +60,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVCHUNK']._serialized_end=1231
   _globals['_KVACK']._serialized_start=1233
   _globals['_KVACK']._serialized_end=1273
-  _globals['_SLOTCOMMAND']._serialized_start=1275
-  _globals['_SLOTCOMMAND']._serialized_end=1321
-  _globals['_SLOTREPLY']._serialized_start=1323
-  _globals['_SLOTREPLY']._serialized_end=1388
-  _globals['_PREFILL']._serialized_start=1511
-  _globals['_PREFILL']._serialized_end=1700
-  _globals['_DECODE']._serialized_start=1702
-  _globals['_DECODE']._serialized_end=1827
-  _globals['_KVTRANSFER']._serialized_start=1829
-  _globals['_KVTRANSFER']._serialized_end=1891
-  _globals['_SLOTCONTROL']._serialized_start=1893
-  _globals['_SLOTCONTROL']._serialized_end=1963
+  _globals['_RESERVEKVREQUEST']._serialized_start=1276
+  _globals['_RESERVEKVREQUEST']._serialized_end=1445
+  _globals['_RESERVEKVREPLY']._serialized_start=1447
+  _globals['_RESERVEKVREPLY']._serialized_end=1551
+  _globals['_COMMITKVREQUEST']._serialized_start=1553
+  _globals['_COMMITKVREQUEST']._serialized_end=1650
+  _globals['_COMMITKVREPLY']._serialized_start=1652
+  _globals['_COMMITKVREPLY']._serialized_end=1700
+  _globals['_RELEASEKVREQUEST']._serialized_start=1702
+  _globals['_RELEASEKVREQUEST']._serialized_end=1761
+  _globals['_RELEASEKVREPLY']._serialized_start=1763
+  _globals['_RELEASEKVREPLY']._serialized_end=1794
+  _globals['_SLOTCOMMAND']._serialized_start=1796
+  _globals['_SLOTCOMMAND']._serialized_end=1842
+  _globals['_SLOTREPLY']._serialized_start=1844
+  _globals['_SLOTREPLY']._serialized_end=1909
+  _globals['_PREFILL']._serialized_start=2032
+  _globals['_PREFILL']._serialized_end=2221
+  _globals['_DECODE']._serialized_start=2224
+  _globals['_DECODE']._serialized_end=2553
+  _globals['_KVTRANSFER']._serialized_start=2555
+  _globals['_KVTRANSFER']._serialized_end=2617
+  _globals['_SLOTCONTROL']._serialized_start=2619
+  _globals['_SLOTCONTROL']._serialized_end=2689
 # @@protoc_insertion_point(module_scope)

@@ -171,6 +171,68 @@ class KVAck(_message.Message):
     error: Error
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
+class ReserveKVRequest(_message.Message):
+    __slots__ = ("request", "num_tokens", "src_tp", "transfer_id", "timeout_s", "epoch", "backend")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SRC_TP_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    request: QueuedRequest
+    num_tokens: int
+    src_tp: int
+    transfer_id: str
+    timeout_s: float
+    epoch: int
+    backend: str
+    def __init__(self, request: _Optional[_Union[QueuedRequest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., src_tp: _Optional[int] = ..., transfer_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., epoch: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class ReserveKVReply(_message.Message):
+    __slots__ = ("error", "block_ids", "tp", "agent_metadata")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    tp: int
+    agent_metadata: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., tp: _Optional[int] = ..., agent_metadata: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CommitKVRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_id", "output_ids", "rng_state")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    RNG_STATE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_id: str
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    rng_state: bytes
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., rng_state: _Optional[bytes] = ...) -> None: ...
+
+class CommitKVReply(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class ReleaseKVRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_id: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseKVReply(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class SlotCommand(_message.Message):
     __slots__ = ("verb", "args_json")
     VERB_FIELD_NUMBER: _ClassVar[int]

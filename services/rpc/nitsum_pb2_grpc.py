@@ -203,6 +203,21 @@ class DecodeStub:
                 request_serializer=nitsum__pb2.HealthRequest.SerializeToString,
                 response_deserializer=nitsum__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.ReserveKV = channel.unary_unary(
+                '/nitsum.v1.Decode/ReserveKV',
+                request_serializer=nitsum__pb2.ReserveKVRequest.SerializeToString,
+                response_deserializer=nitsum__pb2.ReserveKVReply.FromString,
+                _registered_method=True)
+        self.CommitKV = channel.unary_unary(
+                '/nitsum.v1.Decode/CommitKV',
+                request_serializer=nitsum__pb2.CommitKVRequest.SerializeToString,
+                response_deserializer=nitsum__pb2.CommitKVReply.FromString,
+                _registered_method=True)
+        self.ReleaseKV = channel.unary_unary(
+                '/nitsum.v1.Decode/ReleaseKV',
+                request_serializer=nitsum__pb2.ReleaseKVRequest.SerializeToString,
+                response_deserializer=nitsum__pb2.ReleaseKVReply.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -220,6 +235,24 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +265,21 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=nitsum__pb2.HealthRequest.FromString,
                     response_serializer=nitsum__pb2.HealthReply.SerializeToString,
+            ),
+            'ReserveKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveKV,
+                    request_deserializer=nitsum__pb2.ReserveKVRequest.FromString,
+                    response_serializer=nitsum__pb2.ReserveKVReply.SerializeToString,
+            ),
+            'CommitKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitKV,
+                    request_deserializer=nitsum__pb2.CommitKVRequest.FromString,
+                    response_serializer=nitsum__pb2.CommitKVReply.SerializeToString,
+            ),
+            'ReleaseKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKV,
+                    request_deserializer=nitsum__pb2.ReleaseKVRequest.FromString,
+                    response_serializer=nitsum__pb2.ReleaseKVReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +336,87 @@ class Decode:
             '/nitsum.v1.Decode/Health',
             nitsum__pb2.HealthRequest.SerializeToString,
             nitsum__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitsum.v1.Decode/ReserveKV',
+            nitsum__pb2.ReserveKVRequest.SerializeToString,
+            nitsum__pb2.ReserveKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitsum.v1.Decode/CommitKV',
+            nitsum__pb2.CommitKVRequest.SerializeToString,
+            nitsum__pb2.CommitKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nitsum.v1.Decode/ReleaseKV',
+            nitsum__pb2.ReleaseKVRequest.SerializeToString,
+            nitsum__pb2.ReleaseKVReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,10 @@
 """A KV hand-off whose receiving process dies mid-way: the request completes on the other decode
 group with the engine's greedy text, and no KV blocks stay in use on the groups that survive.
+Over the gRPC path and over the block path (`--kv-backend auto`).
 
 Plan p1,d1,d1; the decode leader on slot 1 runs with the test hook `NITSUM_TEST_FAULT=kv-receive`
-(kvtransfer/faults.py): it SIGKILLs itself once the first chunk of a hand-off has arrived."""
+(kvtransfer/faults.py): it SIGKILLs itself once the first chunk of a hand-off has arrived (block
+path: once its rank awaits the KV)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from services.launch import LaunchConfig, Mesh
 DOOMED_SLOT = 1
 
 
-@pytest.fixture(scope="module")
-def mesh(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    root = tmp_path_factory.mktemp("mesh-handoff")
+@pytest.fixture(scope="module", params=["grpc", "auto"])
+def mesh(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp(f"mesh-handoff-{request.param}")
+    env = {i: {"NITSUM_KV_BACKEND": request.param} for i in range(3)}
+    env[DOOMED_SLOT]["NITSUM_TEST_FAULT"] = "kv-receive"
     config = LaunchConfig(model=tiny_model_dir, plan="p1,d1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120,
-                          slot_env={DOOMED_SLOT: {"NITSUM_TEST_FAULT": "kv-receive"}})
+                          slot_env=env)
     with Mesh(config) as m:
         _wait_for(lambda: len(_groups(m)) == 3, 30, "three groups registered")
         yield m

@@ -85,8 +85,8 @@ def test_plans_change_under_load_and_nothing_is_lost(mesh: Mesh, reference, tiny
     # Every switch here finds each shard it needs on a peer slot: nothing from disk.
     assert [r["disk_bytes"] for r in reports] == [0] * len(PLANS)
     assert all(r["peer_bytes"] > 0 for r in reports[1:]), [r["peer_bytes"] for r in reports]
-    # Requests in flight on re-cut decode groups moved (or waited in their slot) instead of failing.
-    assert sum(r["migrated"] + r["parked"] for r in reports) > 0, reports
+    # (Whether a stream happens to be on a re-cut decode group at a switch is up to timing here;
+    # the next test pins streams there to check migration and parking every time.)
     assert len(done) >= 20
     tok = Tokenizer(str(tiny_model_dir))
     wanted = {(p, n): tok.decode(reference(tiny_model_dir, [prompts[p]], n)[0]) for p, n, _ in done}
@@ -103,7 +103,9 @@ def test_plans_change_under_load_and_nothing_is_lost(mesh: Mesh, reference, tiny
 
 def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_model_dir: Path) -> None:
     """With d1 on slot 1 the only decode group, long streams all run there; then d2 joins, and
-    d1 is re-cut into a prefill group: its streams move with their KV to d2 mid-generation."""
+    d1 is re-cut into a prefill group: its streams move with their KV to d2 mid-generation. Then
+    d2 is cut into two TP-1 groups: with no decode group staying, the streams are parked in their
+    slot and resume on the new groups. Every stream ends with the unmigrated run's text."""
     assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,d1,p1,p1"})[0] == 200
     rng = random.Random(8)
     # Long streams, so that they still run when the second switch comes even on a loaded machine;
@@ -130,8 +132,13 @@ def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_
         assert status == 200 and report["groups"][0]["kept"], report  # d1 serves on throughout
         status, report = await asyncio.to_thread(admin, mesh, "POST", "/admin/plan", {"plan": "p1,p1,d2"})
         assert status == 200, report
+        # d2 goes too, and no decode group stays: its streams wait in their slot for the new ones.
+        status, parked = await asyncio.to_thread(admin, mesh, "POST", "/admin/plan", {"plan": "p2,d1,d1"})
+        assert status == 200, parked
         texts = await asyncio.gather(*tasks)
         await client.close()
+        assert parked["migrated"] == 0 and parked["parked"] >= 1, parked
+        assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,p1,d2"})[0] == 200
         return list(texts), report
 
     texts, report = asyncio.run(drive())
