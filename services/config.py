@@ -166,7 +166,7 @@ class NodeConfig(_Frozen):
     # How KV moves prefill -> decode: "grpc" gathers it on the prefill leader and streams bytes;
     # "auto" | "nixl" | "local" use the block path (every rank writes its own heads through its
     # own agent: NIXL where it works for auto, else sockets), falling back to gRPC when it fails.
-    kv_backend: KVBackendSetting = "grpc"
+    kv_backend: KVBackendSetting = "auto"
 
     @model_validator(mode="after")
     def _group_shape(self) -> NodeConfig:

@@ -30,10 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-backend", choices=("grpc", "auto", "nixl", "local"),
-                   default=os.environ.get("NITSUM_KV_BACKEND", "grpc"),
+                   default=os.environ.get("NITSUM_KV_BACKEND", "auto"),
                    help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
                         "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
-                        "or grpc)")
+                        "or auto)")
 
 
 def build_config(role: str, args: argparse.Namespace) -> NodeConfig:

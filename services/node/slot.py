@@ -78,7 +78,7 @@ class SlotConfig:
     heartbeat_s: float = 0.5
     dist_timeout_s: float = 60.0
     kv_cache_bytes: int = 1 << 30
-    kv_backend: KVBackendSetting = "grpc"  # NodeConfig.kv_backend of every group this slot leads
+    kv_backend: KVBackendSetting = "auto"  # NodeConfig.kv_backend of every group this slot leads
 
     @property
     def slot_id(self) -> str:

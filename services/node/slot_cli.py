@@ -29,10 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "grpc"),
+    p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "auto"),
                    help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
                         "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
-                        "or grpc)")
+                        "or auto)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
