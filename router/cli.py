@@ -16,11 +16,14 @@ from router.perfmodel import DEVICES, MODELS, PerfModel
 from router.planner import Planner, PlannerConfig
 from router.plans import parse_plan
 from router.sim.cluster import SimConfig
-from router.sim.policies import POLICIES
+from router.sim.oracle import OracleBound
+from router.sim.policies import DEFAULT_POLICIES, POLICIES
 from router.sim.report import format_summary
-from router.sim.sweep import DEFAULT_SWEEP, SimSetup, compare, plot, progress_bar, readme_table
+from router.sim.sweep import DEFAULT_SWEEP, SimSetup, compare, plot, progress_bar
+from router.sim.tables import LoadPoint, policy_capacity, readme_table
 from router.sim.trace import DEFAULT_TIER_MAP
 from router.workload import TierLoad, WorkloadEstimate
+from services.config import TierPolicy
 from services.tiers import DEFAULT_TIERS
 
 
@@ -48,7 +51,15 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--tier-map", default=DEFAULT_TIER_MAP,
                      help=f"SOURCE=TIER[:SHARE][/TIER:SHARE],... (default {DEFAULT_TIER_MAP})")
     _add_model_args(sim)
-    sim.add_argument("--policy", default="all", help=f"comma-separated of {', '.join(POLICIES)}, or all")
+    sim.add_argument("--policy", default="all",
+                     help=f"comma-separated of {', '.join(POLICIES)}, or all ({', '.join(DEFAULT_POLICIES)})")
+    sim.add_argument("--tiers", help="tiers file (JSON/TOML, the gateway's format): SLO targets for every policy "
+                                     "(default: services/tiers.py)")
+    sim.add_argument("--tpot-guard", type=float, default=SimConfig.tpot_guard,
+                     help="share of the tightest TPOT target a mixed forward may take (0: off)")
+    sim.add_argument("--oracle", type=str, metavar="SECONDS,...",
+                     help="also run every static plan (static-any) and print switching bounds for these "
+                          "segment lengths (router/sim/oracle.py)")
     sim.add_argument("--tp", type=int, help="static-colocated: only this TP degree")
     sim.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's arrival rate")
     sim.add_argument("--sweep", nargs="?", const=",".join(map(str, DEFAULT_SWEEP)), type=str,
@@ -102,42 +113,66 @@ def _perf(args: argparse.Namespace) -> PerfModel:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    policies = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+    policies = list(DEFAULT_POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise UserError(f"unknown policy {bad[0]!r}; use {', '.join(POLICIES)} or all")
+    segments = tuple(_floats(args.oracle)) if args.oracle else ()
+    if segments and "static-any" not in policies:
+        policies.append("static-any")
     traces = [t for t in args.trace.split(",") if t]
     for t in traces:
         with open(t):
             pass  # FileNotFoundError -> one-line error before any work
-    setup = SimSetup(traces, args.tier_map, DEFAULT_TIERS, args.slots, _perf(args), policies,
-                     SimConfig(plan_interval_s=args.plan_interval), PlannerConfig(), args.seed, args.tp,
-                     args.duration)
+    tiers = TierPolicy.load(args.tiers).tiers if args.tiers else DEFAULT_TIERS
+    setup = SimSetup(traces, args.tier_map, tiers, args.slots, _perf(args), policies,
+                     SimConfig(plan_interval_s=args.plan_interval, tpot_guard=args.tpot_guard), PlannerConfig(),
+                     args.seed, args.tp, args.duration, segments)
     scales = _floats(args.sweep) if args.sweep else [args.rate_scale]
     points = compare(setup, scales, progress_bar)
     for p in points:
         print(f"== rate scale x{p.rate_scale:g} ==")
         for s in p.by_label.values():
             print(format_summary(s))
+        for b in p.oracle:
+            print(_oracle_line(b))
     table, table_data = readme_table(points) if len(points) > 1 else ("", {})
     if table:
         print("\n" + table)
     if args.plot:
         plot(points, args.plot, f"{setup.perf.model.name} on {args.slots} x {setup.perf.device.name}")
     if args.json:
-        print(json.dumps({"device": setup.perf.device.name, "model": setup.perf.model.name,
-                          "slots": args.slots, "traces": traces, "tier_map": args.tier_map,
-                          "loads": [{"rate_scale": p.rate_scale,
-                                     "policies": {k: _brief(s) for k, s in p.by_policy.items()},
-                                     "variants": {k: _brief(s) for k, s in p.by_label.items()}}
-                                    for p in points], "table": table_data}))
+        print(json.dumps(_json(setup, args, traces, points, table_data)))
     return 0
+
+
+def _oracle_line(b: OracleBound) -> str:
+    return (f"switching bounds, {b.segment_s:g} s segments: clairvoyant {b.clairvoyant:.1%} "
+            f"({b.clairvoyant / max(b.best_static_attainment, 1e-9):.3f}x the best static plan {b.best_static} at "
+            f"{b.best_static_attainment:.1%}, {b.plans_used} plans used), follow-the-leader {b.follow_leader:.1%} "
+            f"({b.follow_leader / max(b.best_static_attainment, 1e-9):.3f}x)")
+
+
+def _json(setup: SimSetup, args: argparse.Namespace, traces: list[str], points: list[LoadPoint],
+          table: dict[str, object]) -> dict[str, object]:
+    return {"device": setup.perf.device.name, "model": setup.perf.model.name, "slots": args.slots,
+            "traces": traces, "tier_map": args.tier_map,
+            "tiers": {t.name: {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "weight": t.weight} for t in setup.tiers},
+            "loads": [{"rate_scale": p.rate_scale,
+                       "policies": {k: _brief(s) for k, s in p.by_policy.items()},
+                       "variants": {k: _brief(s) for k, s in p.by_label.items()},
+                       "oracle": [vars(b) for b in p.oracle]} for p in points],
+            "held_90_rate_scale": {k: dict(zip(("rate_scale", "qualifier", "config"), policy_capacity(points, k),
+                                               strict=True))
+                                   for k in setup.policies} if len(points) > 1 else {},
+            "table": table}
 
 
 def _brief(s: Any) -> dict[str, Any]:
     return {"label": s.label, "goodput": round(s.goodput, 4), "slo_attainment": round(s.attainment, 4),
             "shed": s.shed, "reconfigurations": s.reconfigurations,
             "reconfig_time_frac": round(s.reconfig_time_frac, 5),
+            "reconfig_capacity_frac": round(s.reconfig_capacity_frac, 5),
             "tiers": {t.tier: {"goodput": round(t.goodput, 4), "slo_attainment": round(t.attainment, 4),
                                "ttft_p50": t.ttft_p50, "ttft_p90": t.ttft_p90, "ttft_p99": t.ttft_p99,
                                "tpot_p50": t.tpot_p50, "tpot_p90": t.tpot_p90, "tpot_p99": t.tpot_p99}

@@ -130,6 +130,12 @@ class PerfModel:
         self.model = model
         self.eff = eff or DEFAULT_EFFICIENCY.get(model.name, Efficiency())
         self.mem_util = mem_util  # share of HBM the engine may use (weights + KV), like vLLM's
+        # The simulator calls `terms` millions of times: the model's sizes, computed once.
+        self._layer_bytes = model.layer_params * model.dtype_bytes
+        self._weight_bytes = model.weight_bytes
+        self._params = model.num_params
+        self._kv_token = model.kv_bytes_per_token
+        self._attn_width = model.num_layers * model.num_heads * model.head_dim
 
     @classmethod
     def builtin(cls, device: str, model: str) -> PerfModel:
@@ -152,12 +158,11 @@ class PerfModel:
         m = self.model
         tokens = prefill_tokens + decode_batch
         sq = float(prefill_tokens) ** 2 if prefill_sq is None else prefill_sq
-        slice_bytes = m.layer_params * m.dtype_bytes / tp
+        slice_bytes = self._layer_bytes / tp
         cached = min(1.0, self.device.cache_bytes / slice_bytes) * self.eff.cache_gain
-        weights = m.weight_bytes / tp * (1.0 - cached)
-        kv = (decode_context + prefill_tokens) * m.kv_bytes_per_token / tp
-        attn_width = m.num_layers * m.num_heads * m.head_dim
-        flops = 2.0 * m.num_params * tokens + 4.0 * attn_width * (decode_context + sq / 2)
+        weights = self._weight_bytes / tp * (1.0 - cached)
+        kv = (decode_context + prefill_tokens) * self._kv_token / tp
+        flops = 2.0 * self._params * tokens + 4.0 * self._attn_width * (decode_context + sq / 2)
         allreduces = 2 * m.num_layers if tp > 1 else 0
         ring = allreduces * 2.0 * (tp - 1) / tp * tokens * m.hidden_size * m.dtype_bytes
         return StepTerms(weights + kv, flops / tp, allreduces, ring)

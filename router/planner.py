@@ -6,17 +6,23 @@ each plan's per-tier goodput with a queueing model on top of the perf model (`pr
 below), subtracts the goodput lost while moving from the current plan, and
 switches only when the gain clears a hysteresis margin and the current plan has been held for
 `min_dwell_s`. Every decision carries a human-readable explanation (`nitsum plan explain`).
+
+The model assumes Poisson arrivals, so on bursty traffic its ranking is only a first guess.
+When the caller can *measure* candidates on the traffic itself (the simulator's digital twin,
+router/sim/twin.py, replays the live arrivals through the candidates its `shortlist` proposes),
+`decide(..., measured=...)` chooses among the measured plans instead, net of each move's pause.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 
 from router.perfmodel import PerfModel
-from router.plans import Group, Plan, enumerate_plans
+from router.plans import Group, Plan, enumerate_plans, parse_plan
 from router.workload import WorkloadEstimate
 from services.tiers import Tier
 
@@ -34,6 +40,11 @@ class PlannerConfig:
     group_setup_s: float = 1.5
     role_switch_s: float = 0.2
     roles: str = "pdc"
+    # With measured gains (the digital twin): they come from the traffic itself, not a model, so
+    # a smaller margin suffices; the pause is paid back over the twin's memory (its half-life).
+    measured_margin: float = 0.01
+    measured_horizon_s: float = 600.0
+    measured_dwell_s: float = 120.0  # measured gains move slowly; so should the plan
 
 
 @dataclass(frozen=True)
@@ -125,11 +136,23 @@ class Planner:
         return max(self.candidates, key=lambda p: (predict(p, workload, self.perf, self.tiers).score,
                                                    p.to_str()))
 
+    def shortlist(self, workload: WorkloadEstimate, k: int) -> list[Plan]:
+        """The model's `k` best plans for this workload (candidates worth measuring)."""
+        cache: dict[tuple[object, ...], Any] = {}
+        return sorted(self.candidates, key=lambda p: (-predict(p, workload, self.perf, self.tiers, cache).score,
+                                                      p.to_str()))[:k]
+
     def decide(self, now_s: float, current: Plan, workload: WorkloadEstimate,
-               observed_score: float | None = None) -> PlanDecision:
+               observed_score: float | None = None, measured: Mapping[str, float] | None = None) -> PlanDecision:
         """`observed_score`: the tier-weighted goodput the current plan actually delivered over
         the window, if known. The model's error on the current plan is added to the hysteresis:
-        a predicted gain smaller than the model's own error is not worth a move."""
+        a predicted gain smaller than the model's own error is not worth a move.
+
+        `measured`: plan text -> relative goodput gain over the current plan that something
+        better than the model measured (the simulator's digital twin, router/sim/twin.py). When
+        given, only those plans are candidates and their measured gains replace the model's."""
+        if measured is not None:
+            return self._decide_measured(now_s, current, workload, measured)
         cache: dict[tuple[object, ...], Any] = {}
         cur_pred = predict(current, workload, self.perf, self.tiers, cache)
         weight = {t.name: t.weight for t in self.tiers}
@@ -166,6 +189,37 @@ class Planner:
                f"{len(cost.affected_slots)} slot(s) ({cost.fetched_bytes / 1e9:.1f} GB fetched, "
                f"{cost.reused_bytes / 1e9:.1f} GB reused)")
         return PlanDecision(chosen, True, _explain(best, pred, workload, why, ranking), pred, cost, ranking)
+
+    def _decide_measured(self, now_s: float, current: Plan, workload: WorkloadEstimate,
+                         measured: Mapping[str, float]) -> PlanDecision:
+        cur_pred = predict(current, workload, self.perf, self.tiers)
+        scored: list[tuple[float, Plan, ReconfigCost]] = []
+        for text, gain in measured.items():
+            plan = align(current, parse_plan(text, self.slots, current.epoch))
+            cost = reconfig_cost(current, plan, self.perf, self.cfg)
+            # The share of the horizon's goodput the paused slots give up, as in decide().
+            penalty = len(cost.affected_slots) / self.slots * cost.pause_s / self.cfg.measured_horizon_s
+            scored.append((gain - penalty, plan, cost))
+        scored.sort(key=lambda x: (-x[0], x[1].to_str()))
+        ranking = tuple((p.to_str(), round(g, 4)) for g, p, _ in scored[:5])
+        none = ReconfigCost(0.0, (), 0.0, 0.0)
+        dwell_left = self.last_change_s + self.cfg.measured_dwell_s - now_s
+        if not scored or scored[0][0] <= self.cfg.measured_margin or dwell_left > 0:
+            why = ("no candidate measured yet" if not scored else
+                   f"held for {dwell_left:.0f} s more (dwell)" if dwell_left > 0 else
+                   f"best measured alternative {scored[0][1].to_str()} nets {scored[0][0]:+.1%} "
+                   f"<= {self.cfg.measured_margin:.0%} (hysteresis)")
+            text = _explain(current, cur_pred, workload, f"keep {current.to_str()}: {why}", ranking)
+            return PlanDecision(current, False, text, cur_pred, none, ranking)
+        net, best, cost = scored[0]
+        self.last_change_s = now_s
+        why = (f"switch {current.to_str()} -> {best.to_str()}: measured {measured[best.to_str()]:+.1%} "
+               f"goodput on the traffic seen, {net:+.1%} net of a {cost.pause_s:.1f} s pause on "
+               f"{len(cost.affected_slots)} slot(s) ({cost.fetched_bytes / 1e9:.1f} GB fetched, "
+               f"{cost.reused_bytes / 1e9:.1f} GB reused)")
+        pred = predict(best, workload, self.perf, self.tiers)
+        return PlanDecision(best.with_epoch(current.epoch + 1), True, _explain(best, pred, workload, why, ranking),
+                            pred, cost, ranking)
 
 
 def _explain(plan: Plan, pred: PlanPrediction, workload: WorkloadEstimate, headline: str,

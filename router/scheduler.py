@@ -16,7 +16,11 @@ One call does three things, in this order:
    the same time. Requests that already missed their deadline go after those that can still
    make it (serving a lost cause first only makes more requests miss), except that any request
    that has waited `tier.max_wait_s` jumps ahead of everything: a batch request can wait, but
-   not forever. `order="fcfs"` and `order="priority"` exist for the baselines.
+   not forever. At placement the same rule looks ahead: a request that could not finish its
+   prefill by its deadline even on the earliest-finishing group (its backlog plus the prompt at
+   `prefill_tokens_per_s`) waits for spare capacity, one at a time on a group with nothing
+   buffered, so a burst of long prompts cannot push the short ones behind it past theirs.
+   `order="fcfs"` and `order="priority"` exist for the baselines and skip that look-ahead.
 3. **Placement.** In that order, each request goes to the prefill-capable group (backlog under
    its cap) that would finish its prompt earliest, so long prompts land on wide groups, and to
    the least-loaded decode-capable group that has free KV blocks for the prompt plus
@@ -123,7 +127,8 @@ def schedule(snapshot: SchedulerSnapshot) -> Decisions:
     shed_ids = {s.request_id for s in shed}
     kept = [q for q in snapshot.queued if q.request_id not in shed_ids]
     ordered = _order(kept, tiers, snapshot.now_s, snapshot.order)
-    return Decisions(dispatch=_place(ordered, snapshot.groups, tiers), shed=tuple(shed))
+    return Decisions(dispatch=_place(ordered, snapshot.groups, tiers, snapshot.now_s,
+                                         defer_late=snapshot.order == "deadline"), shed=tuple(shed))
 
 
 def _admission(snapshot: SchedulerSnapshot, tiers: dict[str, Tier]) -> list[Shed]:
@@ -192,8 +197,8 @@ def _order(reqs: list[QueuedRequest], tiers: dict[str, Tier], now_s: float,
     return sorted(reqs, key=key)
 
 
-def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...],
-           tiers: dict[str, Tier]) -> tuple[Dispatch, ...]:
+def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...], tiers: dict[str, Tier],
+           now_s: float, defer_late: bool) -> tuple[Dispatch, ...]:
     prefill = {g.group_id: g.queued_tokens for g in groups if g.does_prefill}
     cap = {g.group_id: g.max_queued_tokens for g in groups if g.does_prefill}
     rate = {g.group_id: max(g.prefill_tokens_per_s, 1e-9) for g in groups}
@@ -205,23 +210,43 @@ def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...],
     decode_only = {g.group_id for g in groups if g.role == ROLE_DECODE}
     tightest = min((t.tpot_s for t in tiers.values()), default=0.0)
     out: list[Dispatch] = []
+    late: list[tuple[QueuedRequest, str]] = []
     for q in ordered:
         if not any(prefill[g] < cap[g] for g in prefill):
             break  # every prefill group is full: nobody else can go this tick
         # The tightest-TPOT tier goes to decode-only groups first: no prefill chunk ever
         # stretches their steps.
-        prefer_pure = tiers[q.tier].tpot_s <= tightest and bool(decode_only)
+        tier = tiers[q.tier]
+        prefer_pure = tier.tpot_s <= tightest and bool(decode_only)
         dec = _pick_decode(q, kv, running, max_running, block, tp, decode_only if prefer_pure else set())
         if dec is None:
             continue  # a smaller request may still fit
         pre = _pick_prefill(q, prefill, cap, rate, prefer=dec)
         if pre is None:
             break
-        prefill[pre] += q.prompt_tokens
-        kv[dec] -= _blocks(q, block[dec])
-        running[dec] += 1
-        out.append(Dispatch(q.request_id, pre, dec))
+        # A request that cannot make its TTFT even on the earliest-finishing group would only
+        # push requests that still can past theirs: it waits for spare capacity (below).
+        finish = now_s + (prefill[pre] + q.prompt_tokens) / rate[pre]
+        if defer_late and finish > q.arrival_s + tier.ttft_s and now_s - q.arrival_s < tier.max_wait_s:
+            late.append((q, dec))
+            continue
+        _commit(q, pre, dec, prefill, kv, running, block, out)
+    for q, dec in late:
+        # Spare capacity only: a group with nothing buffered takes one late request.
+        idle = [g for g in prefill if prefill[g] == 0]
+        if not idle or kv[dec] < _blocks(q, block[dec]) or running[dec] >= max_running[dec]:
+            continue
+        pre = min(idle, key=lambda g: (q.prompt_tokens / rate[g], g))
+        _commit(q, pre, dec, prefill, kv, running, block, out)
     return tuple(out)
+
+
+def _commit(q: QueuedRequest, pre: str, dec: str, prefill: dict[str, int], kv: dict[str, int],
+            running: dict[str, int], block: dict[str, int], out: list[Dispatch]) -> None:
+    prefill[pre] += q.prompt_tokens
+    kv[dec] -= _blocks(q, block[dec])
+    running[dec] += 1
+    out.append(Dispatch(q.request_id, pre, dec))
 
 
 def _blocks(q: QueuedRequest, block_size: int) -> int:

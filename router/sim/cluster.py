@@ -9,15 +9,18 @@ token (TPOT). Every `plan_interval_s` the planner (`router.planner.Planner`, sam
 may pick a new plan; the groups it changes stop, their running sequences migrate with their KV
 to the new decode groups, prompts not yet prefilled go back to the router queue, and the new
 groups serve nothing for the modelled pause. Every request ends exactly once: finished or shed.
+
+`run()` replays a whole trace; `add()` + `run_until()` feed it one arrival at a time, which is
+how the planner's digital twin (router/sim/twin.py) keeps its shadow runs level with the clock.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from router.perfmodel import PerfModel
 from router.planner import Planner
@@ -25,8 +28,18 @@ from router.plans import Plan
 from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
 from router.sim.group import Join, SimGroup
 from router.sim.trace import TraceRequest
-from router.workload import WorkloadEstimator
+from router.workload import WorkloadEstimate, WorkloadEstimator
 from services.tiers import Tier
+
+
+class TwinLike(Protocol):
+    """What the simulator feeds and asks (router.sim.twin.Twin)."""
+
+    def arrive(self, now: float, tier: str, prompt_tokens: int) -> None: ...
+
+    def finished(self, tier: str, output_tokens: int) -> None: ...
+
+    def gains(self, now: float, current: Plan, workload: WorkloadEstimate) -> Mapping[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,10 @@ class SimConfig:
     # the deadline order can still put an urgent request first.
     prefill_buffer_s: float = 0.15
     order: str = "deadline"
+    # A forward carrying a prefill chunk in a group that also decodes may take at most this share
+    # of the tightest TPOT target among its decoding sequences (Sarathi-Serve's SLO-derived token
+    # budget, per step); 0 = off (vLLM's fixed budget).
+    tpot_guard: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -69,10 +86,12 @@ class Simulator:
 
     def __init__(self, requests: list[TraceRequest], perf: PerfModel, tiers: tuple[Tier, ...],
                  plan: Plan, cfg: SimConfig | None = None, planner: Planner | None = None,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None, twin: TwinLike | None = None,
+                 on_outcome: Callable[[float, float], None] | None = None) -> None:
         self.reqs, self.perf, self.tiers = requests, perf, tiers
         self.cfg = cfg or SimConfig()
-        self.planner, self.progress = planner, progress
+        self.planner, self.progress, self.twin, self.on_outcome = planner, progress, twin, on_outcome
+        self.chained = False  # run(): each arrival schedules the next; add(): the caller feeds them
         n = len(requests)
         self.first = [math.nan] * n
         self.finish_t = [math.nan] * n
@@ -87,9 +106,14 @@ class Simulator:
         self.groups: dict[str, SimGroup] = {}
         self.plan = plan
         self.tier_of = {t.name: t for t in tiers}
+        self.tpot_of = [self.tier_of[r.tier].tpot_s for r in requests]
+        self.deadline_of = [r.arrival_s + self.tier_of[r.tier].ttft_s for r in requests]
         self.workload = WorkloadEstimator(self.cfg.window_s)
         self.result = SimResult(requests, self.first, self.finish_t, self.shed,
                                 duration_s=max((r.arrival_s for r in requests), default=0.0))
+        self.handlers: dict[str, Callable[[object], None]] = {
+            "arrive": self._on_arrive, "tick": self._on_tick, "iter": self._on_iter,
+            "join": self._on_join, "resume": self._on_resume, "plan": self._on_plan}
         self._install(plan, pause_s=0.0)
 
     # -- event plumbing ------------------------------------------------------------------------
@@ -98,23 +122,33 @@ class Simulator:
         heapq.heappush(self.events, (at, self.seq, kind, payload))
 
     def run(self) -> SimResult:
+        self.chained = True
         if self.reqs:
             self.push(self.reqs[0].arrival_s, "arrive", 0)
         if self.planner is not None:
             self.push(self.cfg.plan_interval_s, "plan", None)
-        handlers: dict[str, Callable[[object], None]] = {
-            "arrive": self._on_arrive, "tick": self._on_tick, "iter": self._on_iter,
-            "join": self._on_join, "resume": self._on_resume, "plan": self._on_plan}
-        count = 0
-        while self.events:
-            self.now, _, kind, payload = heapq.heappop(self.events)
-            handlers[kind](payload)
-            count += 1
-            if self.progress is not None and count % 20000 == 0:
-                self.progress(min(1.0, self.now / max(self.result.duration_s, 1e-9)))
+        self.run_until(math.inf)
         for rid in list(self.queue):  # only if something could never be placed anywhere
             self._shed(rid, "never placeable: larger than every group's KV memory")
         return self.result
+
+    def add(self, r: TraceRequest) -> None:
+        """Incremental mode (the planner's shadow runs): `r` arrives; `run_until` plays it."""
+        self.reqs.append(r)
+        self.first.append(math.nan)
+        self.finish_t.append(math.nan)
+        self.tpot_of.append(self.tier_of[r.tier].tpot_s)
+        self.deadline_of.append(r.arrival_s + self.tier_of[r.tier].ttft_s)
+        self.push(r.arrival_s, "arrive", len(self.reqs) - 1)
+
+    def run_until(self, t: float) -> None:
+        count = 0
+        while self.events and self.events[0][0] <= t:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            self.handlers[kind](payload)
+            count += 1
+            if self.progress is not None and count % 20000 == 0:
+                self.progress(min(1.0, self.now / max(self.result.duration_s, 1e-9)))
 
     # -- requests ------------------------------------------------------------------------------
     def _on_arrive(self, payload: object) -> None:
@@ -122,7 +156,9 @@ class Simulator:
         r = self.reqs[rid]
         self.queue[rid] = QueuedRequest(str(rid), r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
         self.workload.observe_arrival(self.now, r.tier, r.prompt_tokens)
-        if rid + 1 < len(self.reqs):
+        if self.twin is not None:
+            self.twin.arrive(self.now, r.tier, r.prompt_tokens)
+        if self.chained and rid + 1 < len(self.reqs):
             self.push(self.reqs[rid + 1].arrival_s, "arrive", rid + 1)
         self._mark_dirty()
 
@@ -135,15 +171,22 @@ class Simulator:
         self.queue.pop(rid, None)
         self.shed[rid] = reason
         self.workload.observe_outcome(self.now, 0.0)
+        if self.on_outcome is not None:
+            self.on_outcome(self.now, 0.0)
 
     def _finish(self, rid: int, at: float) -> None:
         self.finish_t[rid] = at
         self._release(rid)
         r = self.reqs[rid]
         self.workload.observe_finish(at, r.tier, r.output_tokens)
+        if self.twin is not None:
+            self.twin.finished(r.tier, r.output_tokens)
         tier = self.tier_of[r.tier]
         tpot = (at - self.first[rid]) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-        self.workload.observe_outcome(at, tier.weight if tier.met(self.first[rid] - r.arrival_s, tpot) else 0.0)
+        credit = tier.weight if tier.met(self.first[rid] - r.arrival_s, tpot) else 0.0
+        self.workload.observe_outcome(at, credit)
+        if self.on_outcome is not None:
+            self.on_outcome(at, credit)
         self._mark_dirty()
 
     def _reserve(self, rid: int, g: SimGroup, tokens: int) -> None:
@@ -184,7 +227,7 @@ class Simulator:
             pre.start(self.now, self._finish)
 
     def _state(self, g: SimGroup) -> GroupState:
-        rate = 2048 / self.perf.prefill_time(2048, g.tp)
+        rate = g.prefill_rate
         return GroupState(g.gid, g.role, g.tp, g.free_blocks, g.block_size, g.reserved, g.max_running,
                           g.queued_tokens, max(2048, int(rate * self.cfg.prefill_buffer_s)), rate)
 
@@ -231,8 +274,10 @@ class Simulator:
     # -- planner and reconfiguration -------------------------------------------------------------
     def _on_plan(self, _: object) -> None:
         assert self.planner is not None
-        decision = self.planner.decide(self.now, self.plan, self.workload.estimate(self.now),
-                                       self.workload.observed_score(self.now))
+        workload = self.workload.estimate(self.now)
+        measured = self.twin.gains(self.now, self.plan, workload) if self.twin is not None else None
+        decision = self.planner.decide(self.now, self.plan, workload, self.workload.observed_score(self.now),
+                                       measured)
         if decision.changed:
             self.result.reconfigurations.append(Reconfiguration(
                 self.now, self.plan.to_str(), decision.plan.to_str(), decision.cost.pause_s,
@@ -263,7 +308,9 @@ class Simulator:
             gid = f"e{plan.epoch}-{grp.to_str()}-s{grp.slots[0]}"
             blocks = self.perf.kv_capacity_tokens(grp.tp) // self.cfg.block_size
             self.groups[gid] = SimGroup(gid, grp, self.perf, blocks, self.cfg.block_size, self.cfg.max_running,
-                                        self.cfg.chunk_tokens, self.push, paused_until=self.now + pause_s)
+                                        self.cfg.chunk_tokens, self.push, paused_until=self.now + pause_s,
+                                        tpot_guard=self.cfg.tpot_guard, tpot_of=self.tpot_of,
+                                        deadline_of=self.deadline_of if self.cfg.order == "deadline" else ())
             self.push(self.now + pause_s, "resume", gid)
         for join in moving:
             g = self._migrate_target(join)

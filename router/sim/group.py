@@ -7,13 +7,20 @@ sequence that finishes (capped), scheduled as one event. Anything that changes t
 mid-way (a sequence joining, a prompt arriving) calls `interrupt()`, which cuts the macro step
 at the next step boundary, exactly as a real engine would admit it. That keeps the event count
 near the number of joins and finishes, not the number of decode steps.
+
+Two engine policies are switchable per group (Nitsum's engine has both; the vLLM-like baseline
+neither): the *TPOT guard* sizes each prefill chunk in a group that also decodes so that the
+forward takes at most `tpot_guard` x the tightest TPOT target among the sequences decoding there
+(Sarathi-Serve sizes its token budget from the TBT SLO; this does it per step, from the tiers
+actually decoding), and *deadline-aware prefill* picks, at each chunk, the buffered prompt with
+the earliest TTFT deadline that can still make it (vLLM serves its waiting queue in order).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from router.perfmodel import PerfModel
@@ -40,6 +47,14 @@ class SimGroup:
     chunk_tokens: int
     schedule_event: Callable[[float, str, object], None]
     paused_until: float = 0.0
+    # TPOT guard: a forward that carries a prefill chunk may take at most this share of the
+    # tightest TPOT target among the sequences decoding here (0 = off: vLLM's fixed budget).
+    tpot_guard: float = 0.0
+    tpot_of: Sequence[float] = ()  # request id -> its tier's TPOT target
+    min_chunk: int = 256  # a chunk never shrinks below this, so prefill always progresses
+    # Deadline-aware engine: each chunk serves the most urgent prompt that can still make its
+    # TTFT (request id -> arrival + TTFT target); empty = FIFO, as vLLM does.
+    deadline_of: Sequence[float] = ()
     alive: bool = True
     free_blocks: int = 0
     reserved: int = 0  # sequences holding a KV reservation here (dispatched, not finished)
@@ -50,6 +65,7 @@ class SimGroup:
     decoding: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish_step, rid)
     ctx_of: dict[int, int] = field(default_factory=dict)  # rid -> context minus join step
     ctx_base: int = 0
+    targets: Counter[float] = field(default_factory=Counter)  # TPOT targets of the decoding sequences
     busy: bool = False
     version: int = 0
     it_start: float = 0.0
@@ -59,6 +75,7 @@ class SimGroup:
 
     def __post_init__(self) -> None:
         self.free_blocks = self.kv_blocks
+        self.prefill_rate = 2048 / self.perf.prefill_time(2048, self.tp)  # tokens/s, nominal
 
     @property
     def tp(self) -> int:
@@ -81,6 +98,8 @@ class SimGroup:
                 finish(j.rid, now)
                 continue
             heapq.heappush(self.decoding, (self.step + j.remaining, j.rid))
+            if self.tpot_guard:
+                self.targets[self.tpot_of[j.rid]] += 1
             self.ctx_of[j.rid] = j.context - self.step
             self.ctx_base += j.context - self.step
         self.pending.clear()
@@ -91,6 +110,10 @@ class SimGroup:
 
     def _start_chunk(self, now: float) -> None:
         budget = self.chunk_tokens - len(self.decoding)
+        if self.tpot_guard and self.decoding and self.group.does_decode:
+            budget = min(budget, self._guarded_tokens(self.tpot_guard * min(self.targets)))
+        if self.deadline_of and len(self.prefill_q) > 1:
+            self._prioritize(now)
         tokens, sq = 0, 0.0
         self.it_prefilled = []
         while self.prefill_q and tokens < budget:
@@ -105,6 +128,32 @@ class SimGroup:
                 self.prefill_q.popleft()
         dt = self.perf.step_time(tokens, len(self.decoding), self.context, self.tp, sq)
         self._begin(now, dt, 1)
+
+    def _prioritize(self, now: float) -> None:
+        """Earliest deadline first among prompts that can still make it, then the rest."""
+        def key(item: list[int]) -> tuple[bool, float]:
+            deadline = self.deadline_of[item[0]]
+            return now + (item[1] - item[2]) / self.prefill_rate > deadline, deadline
+
+        self.prefill_q = deque(sorted(self.prefill_q, key=key))
+
+    def _guarded_tokens(self, limit_s: float) -> int:
+        """About the most prefill tokens a forward with this decode batch can carry within `limit_s`.
+
+        Step time is convex in the chunk (a max of linear terms plus quadratic attention), so the
+        chord from a point to the full budget lies above it: stepping along chords never
+        overshoots the limit. Two chords get within a few percent of the largest chunk."""
+        n, ctx, full = len(self.decoding), self.context, self.chunk_tokens
+        t_full = self.perf.step_time(full, n, ctx, self.tp)
+        if t_full <= limit_s:
+            return full
+        lo, t_lo = 0, self.perf.decode_step_time(n, ctx, self.tp)
+        for _ in range(2):
+            if t_lo >= limit_s:
+                break
+            lo += int((full - lo) * (limit_s - t_lo) / (t_full - t_lo))
+            t_lo = self.perf.step_time(lo, n, ctx, self.tp)
+        return max(lo, self.min_chunk)
 
     def _start_macro(self, now: float) -> None:
         k = min(MAX_MACRO_STEPS, self.decoding[0][0] - self.step)
@@ -142,6 +191,8 @@ class SimGroup:
         while self.decoding and self.decoding[0][0] <= self.step:
             fs, rid = heapq.heappop(self.decoding)
             self.ctx_base -= self.ctx_of.pop(rid)
+            if self.tpot_guard:
+                self._drop_target(rid)
             # Within a cut macro step a sequence ends at its own step boundary.
             finish(rid, min(now, self.it_start + (fs - start_step) * self.it_dt))
 
@@ -160,4 +211,11 @@ class SimGroup:
         moving += self.pending
         requeue = [item[0] for item in self.prefill_q]
         self.decoding, self.pending, self.prefill_q = [], [], deque()
+        self.targets.clear()
         return moving, requeue
+
+    def _drop_target(self, rid: int) -> None:
+        t = self.tpot_of[rid]
+        self.targets[t] -= 1
+        if not self.targets[t]:
+            del self.targets[t]

@@ -1,18 +1,27 @@
-"""Nitsum and the baselines, as (plan, scheduler order, planner or not) over the same simulator.
+"""Nitsum and the baselines, as (plan, scheduler order, engine, planner or not) over the same simulator.
 
-Every policy gets the same scheduler (deadline-aware order, admission control, KV-respecting
-placement), the same perf model and the same engine settings; what distinguishes them is only
-how the plan is chosen (and, for priority-only, the order):
+All policies but `vllm-like` get Nitsum's scheduler (deadline-aware order that defers requests
+which can no longer make their TTFT, admission control, KV-respecting placement) and Nitsum's
+engine (deadline-aware prefill order, the TPOT guard on mixed forwards), the same perf model and
+the same engine settings; what distinguishes them is only how the plan is chosen (and, for
+priority-only, the order):
 
-- `nitsum`: the planner re-plans every `plan_interval_s` from the sliding-window workload; it
-  starts from all-colocated groups of the smallest TP that fits and pays modelled pauses.
-- `static-colocated`: one plan for the whole run, every group colocated at one TP degree
-  (vLLM-like); each degree that fits is run, and the best is chosen in hindsight.
+- `nitsum`: the planner re-plans every `plan_interval_s`, judging the candidates its model
+  proposes by shadow runs on the live traffic (router/sim/twin.py); it starts from
+  all-colocated groups of the smallest TP that fits and pays modelled pauses.
+- `static-colocated`: one plan for the whole run, every group colocated at one TP degree;
+  each degree that fits is run, and the best is chosen in hindsight.
 - `static-disagg`: one plan for the whole run with separate prefill and decode groups, one TP
   degree per role and the replica counts of each (DistServe-like); every such split of the slots
   is run and the best is chosen in hindsight.
 - `priority-only`: no plan changes; the plan the planner's model rates best for the whole
   trace's average workload, and strict tier priority (FIFO within a tier) instead of deadlines.
+- `vllm-like`: static colocated groups as vLLM runs them: first come first served (router and
+  engine), a fixed 8192-token budget per forward whatever is decoding, no deferral of requests
+  that cannot make their deadline; best TP degree in hindsight. The whole-system baseline.
+- `static-any`: every plan the planner could choose (all roles, mixed TP degrees), each static
+  for the whole run, best in hindsight; not in `all` (34 runs per load for 70B on 8 slots). It
+  is what `--oracle` needs.
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ from router.planner import Planner, PlannerConfig
 from router.plans import Plan, enumerate_plans, parse_plan
 from router.sim.cluster import SimConfig, SimResult, Simulator
 from router.sim.trace import TraceRequest
+from router.sim.twin import Twin
 from router.workload import WorkloadEstimate, WorkloadEstimator
 from services.tiers import Tier
 
-POLICIES = ("nitsum", "static-colocated", "static-disagg", "priority-only")
+POLICIES = ("nitsum", "static-colocated", "static-disagg", "priority-only", "vllm-like", "static-any")
+DEFAULT_POLICIES = POLICIES[:5]  # what `--policy all` runs
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class Variant:
     plan: Plan
     adaptive: bool
     order: str
+    engine: str = "nitsum"  # "nitsum": deadline-aware engine with the TPOT guard; "vllm": FCFS, fixed budget
 
 
 def feasible_tps(perf: PerfModel, slots: int) -> list[int]:
@@ -53,12 +65,16 @@ def variants(policy: str, perf: PerfModel, tiers: tuple[Tier, ...], slots: int,
     if policy == "nitsum":
         start = parse_plan(",".join([f"c{tps[0]}"] * (slots // tps[0])), slots)
         return [Variant(policy, "nitsum", start, True, "deadline")]
-    if policy == "static-colocated":
+    if policy in ("static-colocated", "vllm-like"):
         chosen = [only_tp] if only_tp else tps
         if only_tp and only_tp not in tps:
             raise ValueError(f"TP {only_tp} is not feasible here; feasible: {tps}")
-        return [Variant(policy, f"static-colocated tp{t}", parse_plan(",".join([f"c{t}"] * (slots // t)), slots),
-                        False, "deadline") for t in chosen]
+        vllm = policy == "vllm-like"
+        return [Variant(policy, f"{policy} tp{t}", parse_plan(",".join([f"c{t}"] * (slots // t)), slots),
+                        False, "fcfs" if vllm else "deadline", "vllm" if vllm else "nitsum") for t in chosen]
+    if policy == "static-any":
+        return [Variant(policy, f"static-any {p.to_str()}", p, False, "deadline")
+                for p in enumerate_plans(slots, min_tp=tps[0])]
     if policy == "static-disagg":
         plans = [p for p in enumerate_plans(slots, min_tp=tps[0], roles="pd") if _uniform_per_role(p)]
         return [Variant(policy, f"static-disagg {p.to_str()}", p, False, "deadline") for p in plans]
@@ -84,5 +100,7 @@ def run_variant(v: Variant, requests: list[TraceRequest], perf: PerfModel, tiers
                 slots: int, cfg: SimConfig, planner_cfg: PlannerConfig | None = None,
                 progress: Callable[[float], None] | None = None) -> SimResult:
     planner = Planner(perf, tiers, slots, planner_cfg) if v.adaptive else None
-    sim_cfg = SimConfig(**{**cfg.__dict__, "order": v.order})
-    return Simulator(requests, perf, tiers, v.plan, sim_cfg, planner, progress).run()
+    engine = {"order": v.order} if v.engine == "nitsum" else {"order": v.order, "tpot_guard": 0.0}
+    sim_cfg = SimConfig(**{**cfg.__dict__, **engine})
+    twin = Twin(planner, perf, tiers, sim_cfg, v.plan) if planner is not None else None
+    return Simulator(requests, perf, tiers, v.plan, sim_cfg, planner, progress, twin).run()

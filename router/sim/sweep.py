@@ -1,11 +1,9 @@
-"""Policy comparison over one load or a sweep of loads, the README table, and the plot.
+"""Policy comparison over one load or a sweep of loads, and the plot (the table: router/sim/tables.py).
 
 `compare()` runs every variant of every requested policy on the same trace at each rate scale.
-Best-in-hindsight baselines are then the variant with the highest goodput *at that load*. The
-README table compares everything with static colocated TP 8 at the highest load where the best
-static configuration (any static-colocated or static-disagg variant) still holds 90% SLO
-attainment, and reports each policy's best ratio over the sweep at loads where it itself holds
-90% attainment.
+Best-in-hindsight baselines are then the variant with the highest goodput *at that load*; with
+`oracle_segments`, the static runs of every plan (`static-any`) also give the bounds of
+router/sim/oracle.py at each load.
 """
 
 from __future__ import annotations
@@ -14,16 +12,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from router.perfmodel import PerfModel
 from router.planner import PlannerConfig
 from router.sim.cluster import SimConfig
+from router.sim.oracle import bounds, met_mask
 from router.sim.policies import Variant, run_variant, variants
 from router.sim.report import Summary, summarize
+from router.sim.tables import TARGET, LoadPoint
 from router.sim.trace import load_traces
 from services.tiers import Tier
 
-TARGET = 0.9
-DEFAULT_SWEEP = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_SWEEP = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,7 @@ class SimSetup:
     seed: int = 0
     only_tp: int | None = None
     limit_s: float | None = None
-
-
-@dataclass(frozen=True)
-class LoadPoint:
-    rate_scale: float
-    by_label: dict[str, Summary]  # every variant
-    by_policy: dict[str, Summary]  # best variant per policy (best in hindsight)
+    oracle_segments: tuple[float, ...] = ()  # with static-any runs: oracle bounds per segment length
 
 
 def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float], None]) -> list[LoadPoint]:
@@ -55,6 +50,7 @@ def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float
         reqs = load_traces(setup.traces, setup.tier_map, {t.name for t in setup.tiers}, setup.seed,
                            scale, setup.limit_s)
         runs: list[tuple[Variant, Summary]] = []
+        masks: dict[str, np.ndarray] = {}
         todo = [v for p in setup.policies for v in variants(p, setup.perf, setup.tiers, setup.slots,
                                                               reqs, setup.only_tp)]
         for j, v in enumerate(todo):
@@ -66,64 +62,18 @@ def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float
 
             res = run_variant(v, reqs, setup.perf, setup.tiers, setup.slots, setup.cfg, setup.planner_cfg, tick)
             runs.append((v, summarize(v.label, res, setup.tiers, setup.slots)))
+            if setup.oracle_segments and v.policy == "static-any":
+                masks[v.plan.to_str()] = met_mask(res, setup.tiers)
         best: dict[str, Summary] = {}
+        labels: dict[str, tuple[str, ...]] = {}
         for v, s in runs:
+            labels[v.policy] = (*labels.get(v.policy, ()), v.label)
             if v.policy not in best or s.goodput > best[v.policy].goodput:
                 best[v.policy] = s
-        points.append(LoadPoint(scale, {v.label: s for v, s in runs}, best))
+        oracle = bounds(np.array([r.arrival_s for r in reqs]), masks, setup.oracle_segments) if masks else []
+        points.append(LoadPoint(scale, {v.label: s for v, s in runs}, best, labels, tuple(oracle)))
     progress("done", 1.0)
     return points
-
-
-def readme_table(points: list[LoadPoint]) -> tuple[str, dict[str, object]]:
-    """Markdown table of goodput relative to static colocated TP 8 (see module docstring)."""
-    ref = "static-colocated tp8"
-    if not points or ref not in points[0].by_label:
-        return "(no static-colocated tp8 run in this comparison)", {}
-
-    def best_static(p: LoadPoint) -> Summary:
-        return max((s for k, s in p.by_label.items() if k.startswith("static-")), key=lambda s: s.goodput)
-
-    held = [p for p in points if best_static(p).attainment >= TARGET]
-    at = max(held, key=lambda p: p.rate_scale) if held else max(points, key=lambda p: best_static(p).attainment)
-    rows = ["nitsum", *sorted(k for k in at.by_label if k.startswith("static-colocated")),
-            "static-colocated", "static-disagg", "priority-only"]
-    lines = [f"Load: rate scale x{at.rate_scale:g}, where the best static config ({best_static(at).label}) "
-             f"holds {best_static(at).attainment:.1%} SLO attainment"
-             + ("" if held else f" (it never reaches {TARGET:.0%} in this sweep)"),
-             "", "| policy | goodput (req/s) | SLO attainment | vs static TP8 | best vs TP8 over sweep (load) |",
-             "|---|---:|---:|---:|---:|"]
-    data: dict[str, object] = {"rate_scale_at_90": at.rate_scale, "held_90": bool(held), "rows": {}}
-    for name in rows:
-        s = at.by_policy.get(name) if name in ("nitsum", "static-colocated", "static-disagg", "priority-only") \
-            else at.by_label.get(name)
-        if s is None:
-            continue
-        key = s.label if name == s.label else f"{name} (best: {s.label})"
-        ratio = s.goodput / max(at.by_label[ref].goodput, 1e-9)
-        best_ratio, best_at = _best_ratio(points, name, ref)
-        lines.append(f"| {key} | {s.goodput:.2f} | {s.attainment:.1%} | {ratio:.2f}x | "
-                     + (f"{best_ratio:.2f}x (x{best_at:g})" if best_at else "n/a (never >= 90%)") + " |")
-        data["rows"][key] = {"goodput": s.goodput, "attainment": s.attainment, "vs_tp8": ratio,  # type: ignore[index]
-                             "best_vs_tp8": best_ratio, "best_vs_tp8_rate_scale": best_at}
-    nit = at.by_policy.get("nitsum")
-    if nit is not None:
-        lines.append(f"\nnitsum at x{at.rate_scale:g}: {nit.reconfigurations} reconfigurations, "
-                     f"{nit.reconfig_time_frac:.2%} of the time reconfiguring "
-                     f"({nit.reconfig_capacity_frac:.2%} of slot capacity paused)")
-    return "\n".join(lines), data
-
-
-def _best_ratio(points: list[LoadPoint], name: str, ref: str) -> tuple[float, float | None]:
-    best, at = 0.0, None
-    for p in points:
-        s = p.by_policy.get(name) or p.by_label.get(name)
-        if s is None or s.attainment < TARGET:
-            continue
-        r = s.goodput / max(p.by_label[ref].goodput, 1e-9)
-        if r > best:
-            best, at = r, p.rate_scale
-    return best, at
 
 
 def plot(points: list[LoadPoint], out: str, title: str) -> None:
@@ -132,15 +82,22 @@ def plot(points: list[LoadPoint], out: str, title: str) -> None:
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    labels = sorted({k for p in points for k in p.by_policy} | {k for p in points for k in p.by_label
-                                                                 if k.startswith("static-colocated tp")})
+    # One line per TP-degree variant (the per-policy best would repeat one of them), one per other
+    # policy; a TP degree keeps its colour across families, Nitsum is the heavy black line.
+    per_tp = {k for p in points for k in p.by_label if k.startswith(("static-colocated tp", "vllm-like tp"))}
+    others = {k for p in points for k in p.by_policy} - {"static-colocated", "vllm-like", "static-any"}
+    colour = {"2": "tab:blue", "4": "tab:orange", "8": "tab:green", "static-disagg": "tab:purple",
+              "priority-only": "tab:brown"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = [p.rate_scale for p in points]
-    for name in labels:
+    for name in sorted(others - {"nitsum"}) + sorted(per_tp) + (["nitsum"] if "nitsum" in others else []):
         ys = [(p.by_policy.get(name) or p.by_label[name]) for p in points]
-        style = "-" if name in ("nitsum",) else "--" if "tp" in name else "-."
-        ax1.plot(xs, [s.goodput for s in ys], style, marker="o", label=name)
-        ax2.plot(xs, [s.attainment for s in ys], style, marker="o", label=name)
+        style = {"color": colour.get(name, colour.get(name[-1], "tab:grey")), "marker": "o", "ms": 4,
+                 "ls": ":" if name.startswith("vllm") else "--" if "tp" in name else "-."}
+        if name == "nitsum":
+            style = {"color": "black", "lw": 2.5, "marker": "o", "ms": 5, "ls": "-"}
+        ax1.plot(xs, [s.goodput for s in ys], label=name, **style)
+        ax2.plot(xs, [s.attainment for s in ys], label=name, **style)
     ax1.set(xlabel="rate scale (x trace rate)", ylabel="goodput (req/s meeting TTFT and TPOT)", title=title)
     ax2.set(xlabel="rate scale (x trace rate)", ylabel="SLO attainment", title="SLO attainment")
     ax2.axhline(TARGET, color="grey", lw=0.8)

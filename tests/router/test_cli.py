@@ -57,3 +57,22 @@ def test_register_adds_subcommands_with_func() -> None:
     cli.register(sub)
     args = parser.parse_args(["profile", "--model", "m", "--out", "o.json"])
     assert callable(args.func) and args.tp == [1]
+
+
+def test_sim_tiers_file_sets_the_slos_of_every_policy_and_oracle_prints_bounds(make_trace, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = make_trace("code", 60, 2.0, (500, 3000), (5, 30))
+    conv = make_trace("conv", 60, 2.0, (200, 1500), (20, 200), seed=2)
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps({"tiers": [{"name": "interactive", "ttft_s": 5.0, "tpot_s": 0.2},
+                                           {"name": "standard", "ttft_s": 10.0, "tpot_s": 0.3},
+                                           {"name": "batch", "ttft_s": 60.0, "tpot_s": 1.0}]}))
+    rc = run(["sim", "--trace", f"{code},{conv}", "--json", "--tiers", str(tiers), "--oracle", "10",
+              "--policy", "static-colocated,vllm-like"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["tiers"]["interactive"] == {"ttft_s": 5.0, "tpot_s": 0.2, "weight": 1.0}
+    load = doc["loads"][0]
+    assert {"static-colocated", "vllm-like", "static-any"} <= set(load["policies"])
+    assert load["oracle"][0]["clairvoyant"] >= load["oracle"][0]["best_static_attainment"]
+    assert "switching bounds, 10 s segments" in out

@@ -70,3 +70,26 @@ def test_a_gain_smaller_than_the_models_own_error_does_not_move() -> None:
     predicted_now = trusting.prediction.score  # the winner's; the current plan's is lower
     doubtful = Planner(PERF, DEFAULT_TIERS, 8).decide(100.0, START, load, observed_score=predicted_now + 50.0)
     assert trusting.changed and not doubtful.changed
+
+
+def test_measured_gains_choose_the_best_net_of_the_move_and_respect_margin_and_dwell() -> None:
+    planner = Planner(PERF, DEFAULT_TIERS, 8)
+    load = mix(("interactive", 4.0, 4000, 20))
+    # c4,c4 merges the TP 2 pairs (1.5 s pause on every slot); c4,c2,c2 only re-forms half of them.
+    d = planner.decide(1000.0, START, load, measured={"c8": 0.10, "c4,c2,c2": 0.03})
+    assert d.changed and d.plan.to_str() == "c8" and d.ranking[0][0] == "c8"
+    # Too small to clear the 1% margin plus the pause: keep.
+    small = Planner(PERF, DEFAULT_TIERS, 8).decide(1000.0, START, load, measured={"c8": 0.012})
+    assert not small.changed and "hysteresis" in small.explanation
+    # Right after a move, even a large measured gain waits out the dwell.
+    again = planner.decide(1030.0, d.plan, load, measured={"c2,c2,c2,c2": 0.5})
+    assert not again.changed and "dwell" in again.explanation
+    later = planner.decide(1000.0 + PlannerConfig().measured_dwell_s + 1, d.plan, load, measured={"c2,c2,c2,c2": 0.5})
+    assert later.changed and later.plan.epoch == d.plan.epoch + 1
+
+
+def test_shortlist_is_the_models_best_plans() -> None:
+    load = mix(("interactive", 4.0, 4000, 20))
+    planner = Planner(PERF, DEFAULT_TIERS, 8)
+    short = planner.shortlist(load, 3)
+    assert len(short) == 3 and short[0].to_str() == planner.best_static(load).to_str()

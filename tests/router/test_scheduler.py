@@ -86,3 +86,25 @@ def test_thousands_queued_schedule_fast() -> None:
     for _ in range(5):
         schedule(snap)
     assert (time.perf_counter() - start) / 5 < 0.02  # typ. ~4 ms; slack for a shared 2-core box
+
+
+def test_a_request_that_cannot_make_its_ttft_waits_for_spare_capacity() -> None:
+    # At 10k tokens/s an 8000-token prompt needs 0.8 s: past the 0.5 s interactive target even on an
+    # idle group. Serving it first would only make the short one miss too.
+    groups = (GroupState("g", "colocated", 2, 10_000, 16, 0, 64, 0, 1 << 20, prefill_tokens_per_s=10_000.0),)
+    queued = (q("long", "interactive", 9.9, prompt=8000), q("short", "interactive", 9.95, prompt=1000))
+    assert order(schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, queued, groups))) == ["short"]
+    # Nothing that can still make it is waiting and the group is idle: the late one goes now.
+    assert order(schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, queued[:1], groups))) == ["long"]
+    # Vllm-like FCFS has no such rule.
+    fcfs = SchedulerSnapshot(10.0, DEFAULT_TIERS, queued, groups, order="fcfs")
+    assert order(schedule(fcfs)) == ["long", "short"]
+
+
+def test_a_late_request_takes_only_an_idle_group() -> None:
+    busy = GroupState("busy", "colocated", 2, 10_000, 16, 0, 64, 3000, 1 << 20, prefill_tokens_per_s=10_000.0)
+    idle = GroupState("idle", "colocated", 2, 10_000, 16, 0, 64, 0, 1 << 20, prefill_tokens_per_s=1_000.0)
+    late = (q("late", "interactive", 8.0, prompt=2000),)
+    d = schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, late, (busy, idle)))
+    assert [(x.request_id, x.prefill_group) for x in d.dispatch] == [("late", "idle")]
+    assert not schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, late, (busy,))).dispatch

@@ -6,7 +6,9 @@ import math
 
 from router.perfmodel import PerfModel
 from router.planner import Planner, PlannerConfig
+from router.plans import Group
 from router.sim.cluster import SimConfig, SimResult, Simulator
+from router.sim.group import SimGroup
 from router.sim.policies import run_variant, variants
 from router.sim.report import summarize
 from router.sim.trace import load_traces
@@ -75,3 +77,37 @@ def test_phase_change_triggers_counted_reconfiguration(make_trace) -> None:  # t
     s = summarize("nitsum", res, DEFAULT_TIERS, 8)
     assert s.reconfigurations == len(res.reconfigurations) and 0 < s.reconfig_time_frac < 1
     assert s.goodput > 0
+
+
+def _tier_summary(policy: str, reqs, tp: int):  # type: ignore[no-untyped-def]
+    v = variants(policy, PERF, DEFAULT_TIERS, 8, reqs, only_tp=tp)[0]
+    res = run_variant(v, reqs, PERF, DEFAULT_TIERS, 8, SimConfig())
+    check_accounting(res)
+    return {t.tier: t for t in summarize(v.label, res, DEFAULT_TIERS, 8).tiers}
+
+
+def test_tpot_guard_keeps_short_completions_under_target_beside_long_prefills(make_trace) -> None:  # type: ignore[no-untyped-def]
+    # Short interactive completions decode on the same TP 8 replica that keeps prefilling long chat
+    # prompts. vLLM's fixed 8192-token budget puts ~0.4 s chunks between their steps; the guard
+    # sizes each mixed forward to the tightest TPOT target decoding there.
+    code = make_trace("code", 150, 1.5, (500, 1500), (10, 20))
+    conv = make_trace("conv", 400, 4.0, (6000, 8000), (50, 100), seed=2)
+    reqs = load_traces([code, conv], MAP, TIER_NAMES, seed=1)
+    guarded, fixed = _tier_summary("static-colocated", reqs, 8), _tier_summary("vllm-like", reqs, 8)
+    assert guarded["interactive"].tpot_p99 <= 0.05 < fixed["interactive"].tpot_p90
+    assert guarded["interactive"].attainment > fixed["interactive"].attainment
+
+
+def test_deadline_aware_engine_prefills_the_urgent_prompt_first() -> None:
+    events: list[tuple[float, str, object]] = []
+    deadlines = [100.0, 0.4]  # request 0 may wait, request 1 may not
+    g = SimGroup("g", Group("prefill", (0, 1)), PERF, 1000, 16, 8, 4096, lambda *e: events.append(e),
+                 deadline_of=deadlines)
+    g.prefill_q.extend([[0, 3000, 0], [1, 3000, 0]])
+    g.queued_tokens = 6000
+    g.start(0.0, lambda rid, t: None)
+    assert g.it_prefilled == [1] and g.prefill_q[0][0] == 0  # 1 finished in the first chunk, 0 started
+    fifo = SimGroup("f", Group("prefill", (0, 1)), PERF, 1000, 16, 8, 4096, lambda *e: events.append(e))
+    fifo.prefill_q.extend([[0, 3000, 0], [1, 3000, 0]])
+    fifo.start(0.0, lambda rid, t: None)
+    assert fifo.it_prefilled == [0]
