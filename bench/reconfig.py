@@ -11,8 +11,9 @@ gateway, one process per slot):
   disk: TP 2 -> 1 (`p2,d2` -> `p1,p1,d2`), TP 1 -> 2 (back), prefill -> decode (`p1,p1,d2` ->
   `p1,d1,d2`) and decode -> prefill (back), each `--repeats` times (median);
 - a cold restart of the same groups: the 4 slot processes stopped, started again (Python, torch,
-  the engine), their weights read from disk and their process groups formed (`p2,d2`), timed
-  from spawning the processes to the orchestrator's report.
+  the engine, each CPU slot faulting in its host memory reserve), their weights read from disk
+  and their process groups formed (`p2,d2`), timed from spawning the processes to the
+  orchestrator's report.
 
 Final line: one JSON object with `switch_vs_restart` (the slowest median switch over the cold
 restart time; target <= 1/20) and `disk_bytes_with_peers` (disk bytes summed over the switches,

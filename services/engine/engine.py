@@ -62,12 +62,14 @@ def attach_group(runner: ModelRunner, group: TPGroup | None) -> None:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, runner: ModelRunner | None = None, group: TPGroup | None = None) -> None:
+    def __init__(self, args: EngineArgs, runner: ModelRunner | None = None, group: TPGroup | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         """Build the group and load the weights; or, with `runner` (a slot re-cut at runtime),
-        serve a model already in memory over `group`, whose other ranks the caller has formed."""
-        self.model_config = cfg = ModelConfig.from_dir(args.model)
+        serve a model already in memory over `group`, whose other ranks the caller has formed.
+        `tokenizer`: the checkpoint's, if the caller has it already (else read from `args.model`)."""
+        self.model_config = cfg = runner.cfg if runner is not None else ModelConfig.from_dir(args.model)
         args.validate_for(cfg)
-        self.tokenizer = Tokenizer(args.model, extra_eos_ids=cfg.eos_token_ids)
+        self.tokenizer = tokenizer or Tokenizer(args.model, extra_eos_ids=cfg.eos_token_ids)
         self.model_name = args.model
         self._procs: list[mp.process.BaseProcess] = []
         self.args = args

@@ -126,14 +126,28 @@ class CausalLM(nn.Module):
         if rank == 0 and not cfg.tie_word_embeddings:
             self.lm_head = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None
+        self.finalized = False
 
-    def finalize(self) -> None:
-        """Prepare kernels' weight layouts once every weight is loaded."""
-        for layer in self.decoder_layers:
-            for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                lin.finalize()
+    def finalize(self, head_packed: torch.Tensor | None = None) -> None:
+        """Prepare kernels' weight layouts once every weight is loaded; `head_packed`: the output
+        head's, made earlier from the same (never sharded) head weight."""
+        for lin in self._linears():
+            lin.finalize()
         if self.rank == 0:
-            self.lm_head_packed = pack_weight(self.head_weight)
+            self.lm_head_packed = head_packed if head_packed is not None else pack_weight(self.head_weight)
+        self.finalized = True
+
+    def drop_packed(self) -> None:
+        """Free the kernels' weight layouts (a reshard needs only the plain weights; `finalize` makes
+        them again). On CPU in bfloat16 that halves what a slot holds while it builds the next shard."""
+        for lin in self._linears():
+            lin.packed = None
+        self.lm_head_packed = None
+        self.finalized = False
+
+    def _linears(self) -> list[ColumnParallelLinear | RowParallelLinear]:
+        return [lin for layer in self.decoder_layers
+                for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -44,10 +44,13 @@ class ModelRunner:
     """`weights`: this rank's (name, slice) of every checkpoint tensor, e.g. from a reshard, or a
     function that fills the new model's `shard_views()` in place (`reshard(..., out=views)`),
     which saves a copy of every weight; None reads them from the checkpoint folder `args.model`.
-    `reuse_kv`: a previous runner's `kv_cache` to take over instead of allocating (see `_kv_cache`)."""
+    `reuse_kv`: a previous runner's `kv_cache` to take over instead of allocating (see `_kv_cache`).
+    `head_packed`: a previous rank-0 runner's `model.lm_head_packed` on the same device and dtype;
+    the output head is whole in every layout, so its kernel layout outlives any re-cut."""
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, rank: int, group: TPGroup | None,
-                 weights: Weights | None = None, reuse_kv: torch.Tensor | None = None) -> None:
+                 weights: Weights | None = None, reuse_kv: torch.Tensor | None = None,
+                 head_packed: torch.Tensor | None = None) -> None:
         self.args, self.cfg, self.rank = args, cfg, rank
         self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank}")
         self.dtype = args.torch_dtype(cfg)
@@ -59,7 +62,7 @@ class ModelRunner:
             weights(self.model.shard_views())
         else:
             self._load(weights)
-        self.model.finalize()
+        self.model.finalize(head_packed)
         self.num_blocks = num_kv_blocks(args, cfg, self.dtype.itemsize)
         self.kv_heads = kv_heads_per_rank(cfg, args.tp)
         self.kv_cache = self._kv_cache(reuse_kv)

@@ -53,6 +53,7 @@ from services.engine.dist import TPGroup, make_store
 from services.engine.engine import LLMEngine, attach_group
 from services.engine.reshard import Layout, checkpoint_shapes, plan_pieces, reshard
 from services.engine.runner import ModelRunner
+from services.engine.tokenizer import Tokenizer
 from services.engine.worker import serve_rank
 from services.metrics import NodeMetrics
 from services.node.frame import GRPC_OPTIONS, GroupLeader, error
@@ -126,6 +127,8 @@ class Slot(pb_grpc.SlotControlServicer):
         self._sender: GrpcKVBackend | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._kv: torch.Tensor | None = None
+        self._tok: Tokenizer | None = None
+        self._head_packed: torch.Tensor | None = None  # kept across epochs: the head is never re-cut
         self._fault_count = 0
         self._busy = asyncio.Lock()
 
@@ -291,6 +294,8 @@ class Slot(pb_grpc.SlotControlServicer):
             group = await asyncio.to_thread(TPGroup, self._store(args["store"]), args["prefix"],
                                             participants.index(me), len(participants), self.device,
                                             self.config.dist_timeout_s)
+        if self.runner is not None:
+            self.runner.model.drop_packed()  # the shard is re-cut; only its plain bytes are read
         views = self.runner.model.shard_views() if self.runner is not None else None
         wanted = need.get(me)
         shapes = self._shapes
@@ -306,7 +311,9 @@ class Slot(pb_grpc.SlotControlServicer):
             # The new model is built now and the reshard writes straight into its parameters;
             # it takes over the slot's KV cache memory (no new allocation, no zeroing).
             runner = await asyncio.to_thread(ModelRunner, self._engine_args(wanted.tp), self.cfg, wanted.rank, None,
-                                             fill, self._kv_memory())
+                                             fill, self._kv_memory(), self._head_packed)
+            if runner.model.lm_head_packed is not None:
+                self._head_packed = runner.model.lm_head_packed
             self.prepared = (wanted, runner)
         stats = got[0][1]
         if group is not None:
@@ -315,6 +322,12 @@ class Slot(pb_grpc.SlotControlServicer):
             await asyncio.to_thread(group.all_reduce, torch.zeros(1, device=self.device))
         return {"kept_bytes": stats.kept_bytes, "peer_bytes": stats.peer_bytes, "disk_bytes": stats.disk_bytes,
                 "sent_bytes": stats.sent_bytes, "seconds": time.perf_counter() - started}
+
+    def _tokenizer(self) -> Tokenizer:
+        """Read once: every epoch's engine serves the same checkpoint."""
+        if self._tok is None:
+            self._tok = Tokenizer(self.config.model, extra_eos_ids=self.cfg.eos_token_ids)
+        return self._tok
 
     def _engine_args(self, tp: int) -> EngineArgs:
         return EngineArgs(str(self.config.model), tp=tp, device=self.config.device, dtype=self.config.dtype,
@@ -356,6 +369,8 @@ class Slot(pb_grpc.SlotControlServicer):
             raise SlotError(f"holds {self.held}, not the shard tp {a.tp} rank {a.rank}; reshard first")
         self.held = layout
         assert self.runner is not None
+        if not self.runner.model.finalized:  # a reshard that came to nothing dropped its packed weights
+            await asyncio.to_thread(self.runner.model.finalize, self._head_packed)
         attach_group(self.runner, group)
         self.assignment = a
         if a.rank == 0:
@@ -369,7 +384,7 @@ class Slot(pb_grpc.SlotControlServicer):
 
     async def _lead(self, a: Assignment, eargs: EngineArgs, group: TPGroup | None, store: str | None) -> None:
         assert self.runner is not None
-        engine = await asyncio.to_thread(LLMEngine, eargs, self.runner, group)
+        engine = await asyncio.to_thread(LLMEngine, eargs, self.runner, group, self._tokenizer())
         node = NodeConfig(role=a.role, model=self.config.model, group_id=a.group_id, rank=0, tp=a.tp,  # type: ignore[arg-type]
                           epoch=a.epoch, slot_id=self.config.slot_id, host=self.config.host, redis=self.config.redis,
                           dist_addr=store if a.tp > 1 else None, device=self.config.device, dtype=self.config.dtype,

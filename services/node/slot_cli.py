@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--host-reserve-gib", type=float, default=None,
+                   help="CPU slots: host memory kept warm for the KV cache and re-cut weights, GiB (default: "
+                        "--kv-cache-gib + 4x the model's weights; 0: freed memory goes back to the OS and each switch faults it in again)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "auto"),
                    help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
                         "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         return fail("slot", f"--kv-backend {args.kv_backend}: choose one of {', '.join(KV_BACKENDS)}")
     if args.index < 0:
         return fail("slot", f"--index {args.index}: slots are numbered from 0")
+    if args.host_reserve_gib is not None and args.host_reserve_gib < 0:
+        return fail("slot", f"--host-reserve-gib {args.host_reserve_gib}: give 0 or more")
+    if not args.device.startswith("cuda"):
+        _keep_host_memory(model, args)
     config = SlotConfig(index=args.index, model=model, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
                         host=args.host, port=args.port, metrics_port=args.metrics_port,
                         device="cuda:0" if args.device == "cuda" else args.device,
@@ -59,6 +66,25 @@ def run(args: argparse.Namespace) -> int:
                         dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                         kv_backend=args.kv_backend)
     return asyncio.run(Slot(config).serve())
+
+
+def _keep_host_memory(model: Path, args: argparse.Namespace) -> None:
+    """Before any thread starts: keep freed memory for the next epoch's weights (engine/hostmem.py).
+    A TP 2 -> 1 switch holds the old shard and the new whole model, each plain and packed; the
+    KV cache comes out of the same reserve (allocated once, lent to every epoch)."""
+    from services.engine.config import EngineArgs, ModelConfig
+    from services.engine.errors import ModelLoadError
+    from services.engine.hostmem import keep_freed_memory
+
+    if args.host_reserve_gib is not None:
+        reserve = int(args.host_reserve_gib * (1 << 30))
+    else:
+        try:
+            cfg = ModelConfig.from_dir(model)
+            reserve = int(args.kv_cache_gib * (1 << 30)) + 4 * cfg.num_params * EngineArgs(str(model), dtype=args.dtype).torch_dtype(cfg).itemsize
+        except ModelLoadError:
+            return  # the slot reports the checkpoint's problem itself
+    keep_freed_memory(reserve)
 
 
 def main(argv: list[str] | None = None) -> int:

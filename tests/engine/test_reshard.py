@@ -287,3 +287,29 @@ def test_processes_reshard(llama_dir: Path, qwen2_dir: Path, store_addr: str) ->
         check_results(sc, {s: got[(sc.name, s)] for s in sc.participants})
     mixed = {s: got[("p-mixed", s)].stats for s in range(4)}
     assert mixed[2] and mixed[3] and mixed[2].peer_bytes == mixed[3].peer_bytes == 0  # TP 1 -> 2 keeps all
+
+
+def test_packed_weights_are_dropped_for_a_reshard_and_the_head_outlives_it(llama_dir: Path) -> None:
+    """A slot frees its kernel layouts before re-cutting (rebuilt on activation) and hands the output
+    head's to the next epoch's model: greedy tokens stay those of a fresh engine."""
+    from services.engine.engine import LLMEngine
+    from services.engine.layers import pack_weight
+    from services.engine.sampling import SamplingParams
+
+    cfg = ModelConfig.from_dir(llama_dir)
+    args = EngineArgs(model=str(llama_dir), dtype="bfloat16", num_kv_blocks=16, spawn_workers=False)
+    if pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None:
+        pytest.skip("no oneDNN on this host: nothing is packed")
+    prompts, params = [[1, 5, 9, 22, 7], [3, 3, 40]], SamplingParams(max_tokens=12)
+    expected = LLMEngine(args).generate(prompts, params)
+    old = ModelRunner(args, cfg, 0, None)
+    head = old.model.lm_head_packed
+    assert head is not None and old.model.finalized
+    old.model.drop_packed()
+    assert not old.model.finalized and old.model.lm_head_packed is None
+    assert all(lin.packed is None for lin in old.model._linears())
+    new = ModelRunner(args, cfg, 0, None, old.model.shard_views().items(), head_packed=head)
+    assert new.model.lm_head_packed is head
+    assert LLMEngine(args, new).generate(prompts, params) == expected
+    old.model.finalize()  # a reshard that came to nothing: the old shard serves again
+    assert LLMEngine(args, old).generate(prompts, params) == expected
