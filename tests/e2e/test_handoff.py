@@ -9,15 +9,14 @@ path: once its rank awaits the KV)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-import redis
 
 from services.launch import LaunchConfig, Mesh
+from tests.e2e.helpers import records, wait_for
 
 DOOMED_SLOT = 1
 
@@ -30,29 +29,12 @@ def mesh(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory:
     config = LaunchConfig(model=tiny_model_dir, plan="p1,d1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120,
                           slot_env=env)
     with Mesh(config) as m:
-        _wait_for(lambda: len(_groups(m)) == 3, 30, "three groups registered")
+        wait_for(lambda: len(_groups(m)) == 3, 30, "three groups registered")
         yield m
 
 
 def _groups(mesh: Mesh) -> dict[str, dict[str, str]]:
-    r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
-    try:
-        out = {}
-        for key in r.scan_iter(f"{mesh.config.redis_prefix}group:*"):
-            raw = r.hgetall(key)
-            if raw:
-                out[raw["group_id"]] = raw
-        return out
-    finally:
-        r.close()
-
-
-def _wait_for(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return {g["group_id"]: g for g in records(mesh, "group")}
 
 
 def _slot(mesh: Mesh, index: int):  # type: ignore[no-untyped-def]
@@ -96,4 +78,4 @@ def test_receiver_killed_mid_handoff_request_completes_elsewhere(mesh: Mesh, ref
         return doomed_group not in groups and len(groups) == 2 and all(
             int(g["used_kv_blocks"]) == 0 and int(g["running"]) == 0 for g in groups.values())
 
-    _wait_for(settled, 10, f"surviving groups at 0 used KV blocks: {_groups(mesh)}")
+    wait_for(settled, 10, f"surviving groups at 0 used KV blocks: {_groups(mesh)}")

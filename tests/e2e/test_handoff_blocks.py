@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,11 @@ from typing import Any
 import grpc
 import openai
 import pytest
-import redis
 
 from kvtransfer.nixl_backend import nixl_works
 from services.launch import LaunchConfig, Mesh
 from services.rpc import pb, pb_grpc
+from tests.e2e.helpers import admin, records, wait_for
 
 PLANS = ["p1,d1", "p2,d1", "p1,d2"]
 SLOTS = 3
@@ -39,34 +37,10 @@ def mesh(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield m
 
 
-def _admin(mesh: Mesh, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    req = urllib.request.Request(f"{mesh.admin_url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {mesh.admin_key}"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read())
-
-
-def _records(mesh: Mesh, kind: str) -> list[dict[str, str]]:
-    r = redis.Redis.from_url(mesh.redis_url, decode_responses=True)
-    try:
-        return [raw for key in r.scan_iter(f"{mesh.config.redis_prefix}{kind}:*") if (raw := r.hgetall(key))]
-    finally:
-        r.close()
-
-
 def _slot_status(address: str) -> dict[str, Any]:
     with grpc.insecure_channel(address) as channel:
         reply = pb_grpc.SlotControlStub(channel).Command(pb.SlotCommand(verb="status"), timeout=10)
     return json.loads(reply.result_json)
-
-
-def _wait_for(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _count(mesh: Mesh, line: str) -> int:
@@ -79,14 +53,16 @@ FALLBACK = "sending the KV over gRPC"
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_block_handoff_serves_every_plan_with_the_engines_greedy_text(mesh: Mesh, reference, plan: str) -> None:  # type: ignore[no-untyped-def]
-    if _admin(mesh, "GET", "/admin/plan")["plan"] != plan:
-        report = _admin(mesh, "POST", "/admin/plan", {"plan": plan})
-        assert report["result"] == "committed", report
+    status, shown = admin(mesh, "GET", "/admin/plan")
+    assert status == 200, shown
+    if shown["plan"] != plan:
+        status, report = admin(mesh, "POST", "/admin/plan", {"plan": plan})
+        assert status == 200 and report["result"] == "committed", report
     want = sorted(("prefill" if g[0] == "p" else "decode", int(g[1:])) for g in plan.split(","))
-    _wait_for(lambda: sorted((g["role"], int(g["tp"])) for g in _records(mesh, "group")) == want, 30,
+    wait_for(lambda: sorted((g["role"], int(g["tp"])) for g in records(mesh, "group")) == want, 30,
               f"the groups of {plan}")
 
-    leaders = [s for s in _records(mesh, "slot") if s.get("group_id") and int(s["rank"]) == 0]
+    leaders = [s for s in records(mesh, "slot") if s.get("group_id") and int(s["rank"]) == 0]
     backends = {s["role"]: _slot_status(s["address"])["kv_backend"] for s in leaders}
     assert backends == dict.fromkeys(("prefill", "decode"), "nixl" if nixl_works() else "local"), backends
 
@@ -109,6 +85,6 @@ def test_block_handoff_serves_every_plan_with_the_engines_greedy_text(mesh: Mesh
     assert _count(mesh, BLOCKS_LANDED) - landed_before == len(prompts)
 
     def settled() -> bool:
-        return all(int(g["used_kv_blocks"]) == 0 and int(g["running"]) == 0 for g in _records(mesh, "group"))
+        return all(int(g["used_kv_blocks"]) == 0 and int(g["running"]) == 0 for g in records(mesh, "group"))
 
-    _wait_for(settled, 10, f"every group at 0 used KV blocks: {_records(mesh, 'group')}")
+    wait_for(settled, 10, f"every group at 0 used KV blocks: {records(mesh, 'group')}")

@@ -19,6 +19,7 @@ import pytest
 
 from services.engine.tokenizer import Tokenizer
 from services.launch import Mesh
+from tests.e2e.helpers import admin
 from tests.engine.conftest import reference  # noqa: F401  (transformers' greedy ids)
 
 PLANS = ["p2,d2", "p1,d1,d2", "p2,d1,d1", "p1,p1,d2"]
@@ -28,18 +29,6 @@ PLANS = ["p2,d2", "p1,d1,d2", "p2,d1,d1", "p1,p1,d2"]
 def mesh(start_mesh: Callable[..., Mesh], e2e_tiers: dict) -> Iterator[Mesh]:
     with start_mesh("p1,p1,d2", e2e_tiers) as m:
         yield m
-
-
-def admin(mesh: Mesh, method: str, path: str, body: dict[str, Any] | None = None,
-          key: str | None = None) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(f"{mesh.admin_url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {mesh.admin_key if key is None else key}"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 async def one_stream(client: openai.AsyncOpenAI, prompt: list[int], max_tokens: int, tier: str) -> str:
