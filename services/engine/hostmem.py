@@ -29,7 +29,8 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory(reserve_bytes: int) -> bool:
-    """Call before the process starts threads. Returns False where it is not supported."""
+    """Call before the process starts threads, with `reserve_bytes` > 0. Returns False where it is
+    not supported."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -42,11 +43,10 @@ def keep_freed_memory(reserve_bytes: int) -> bool:
     if not ok:
         log.warning("mallopt refused; freed host memory goes back to the kernel")
         return False
-    if reserve_bytes > 0:
-        started = time.perf_counter()
-        block = torch.empty(reserve_bytes, dtype=torch.uint8)
-        block.fill_(0)  # fault the pages in now; freed, they stay in the heap for the weights
-        del block
-        log.info("host memory: kept %.0f MiB warm for weights in %.2fs", reserve_bytes / 2**20,
-                 time.perf_counter() - started)
+    started = time.perf_counter()
+    block = torch.empty(reserve_bytes, dtype=torch.uint8)
+    block.fill_(0)  # fault the pages in now; freed, they stay in the heap for the weights
+    del block
+    log.info("host memory: kept %.0f MiB warm for weights in %.2fs", reserve_bytes / 2**20,
+             time.perf_counter() - started)
     return True

@@ -84,7 +84,8 @@ def _keep_host_memory(model: Path, args: argparse.Namespace) -> None:
             reserve = int(args.kv_cache_gib * (1 << 30)) + 4 * cfg.num_params * EngineArgs(str(model), dtype=args.dtype).torch_dtype(cfg).itemsize
         except ModelLoadError:
             return  # the slot reports the checkpoint's problem itself
-    keep_freed_memory(reserve)
+    if reserve > 0:  # 0: glibc's defaults, freed memory goes back to the OS
+        keep_freed_memory(reserve)
 
 
 def main(argv: list[str] | None = None) -> int:
