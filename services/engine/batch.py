@@ -8,6 +8,7 @@ new token each) come first in the packed token order, then prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -50,9 +51,19 @@ class AttnMeta:
     slot_offsets: torch.Tensor
     num_decode: int
     decode_tables: torch.Tensor | None  # [B, max blocks] block tables of the decode sequences
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max blocks * block_size] True where a key is valid
+    decode_lens: torch.Tensor | None  # [B] keys of each decode sequence, its new token's included
     prefill: list[PrefillSegment]
     sample_rows: torch.Tensor
+    block_size: int
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[B, 1, 1, max blocks * block_size], True where a key is valid: for the PyTorch attention
+        path, which reads whole gathered blocks (the CPU kernel stops at each sequence's length)."""
+        assert self.decode_tables is not None and self.decode_lens is not None
+        span = self.decode_tables.shape[1] * self.block_size
+        keys = torch.arange(span, device=self.decode_lens.device)
+        return (keys[None, :] < self.decode_lens[:, None]).view(len(self.decode_lens), 1, 1, span)
 
 
 def build_meta(batch: StepBatch, block_size: int, device: torch.device) -> AttnMeta:
@@ -73,17 +84,15 @@ def build_meta(batch: StepBatch, block_size: int, device: torch.device) -> AttnM
         pos.extend(range(c.context, c.context + n))
     tables = [c.block_table for c in batch.decode] + [c.block_table for c in batch.prefill for _ in c.tokens]
     slot_blocks = [table[p // block_size] for table, p in zip(tables, pos, strict=True)]
-    decode_tables = decode_mask = None
+    decode_tables = decode_lens = None
     if batch.decode:
-        lens = torch.tensor([c.context + 1 for c in batch.decode], dtype=torch.long)
+        decode_lens = torch.tensor([c.context + 1 for c in batch.decode], dtype=torch.long, device=device)
         width = max(-(-(c.context + 1) // block_size) for c in batch.decode)
         decode_tables = torch.tensor([c.block_table[:width] + [0] * (width - len(c.block_table[:width]))
                                       for c in batch.decode], dtype=torch.long, device=device)
-        span = width * block_size
-        decode_mask = (torch.arange(span)[None, :] < lens[:, None]).view(len(lens), 1, 1, span).to(device)
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
     return AttnMeta(t(ids), t(pos), t(slot_blocks), t([p % block_size for p in pos]), len(batch.decode),
-                    decode_tables, decode_mask, segments, t(batch.sample_rows))
+                    decode_tables, decode_lens, segments, t(batch.sample_rows), block_size)

@@ -9,10 +9,14 @@ sliced for this rank, or from a reshard; `CausalLM.shard_views` hands them back 
 
 from __future__ import annotations
 
+import ctypes
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import cpu_kernels
 from services.engine.batch import AttnMeta
 from services.engine.config import ModelConfig
 from services.engine.layers import (
@@ -39,23 +43,36 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.attention_bias, dtype, device)
         self.o_proj = RowParallelLinear(self.num_heads * d, cfg.hidden_size, dtype, device, group)
 
-    def forward(self, x: torch.Tensor, meta: AttnMeta, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split(self.qkv.part_sizes, dim=-1)
-        q, k = apply_rotary(cos_sin, q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d))
-        v = v.view(t, self.num_kv_heads, d)
-        # Caches are [blocks, kv heads, block_size, d] views of this layer.
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
-        out = torch.empty_like(q)
+    def forward(self, x: torch.Tensor, meta: AttnMeta, rope: Rope, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        """Caches are [blocks, kv heads, block_size, d] views of this layer."""
+        t, d, h, kvh = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x)
+        lib = rope.kernels
+        if lib is not None:
+            cpu_kernels.rope_store_kv(lib, qkv, h, kvh, d, rope.rotary.cos, rope.rotary.sin, meta.positions,
+                                      k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
+            q = qkv[:, : h * d].view(t, h, d)
+            k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+            v = qkv[:, (h + kvh) * d : (h + 2 * kvh) * d].view(t, kvh, d)
+        else:
+            q, k, v = qkv.split(self.qkv.part_sizes, dim=-1)
+            q, k = apply_rotary(rope.cos_sin, q.view(t, h, d), k.view(t, kvh, d))
+            v = v.view(t, kvh, d)
+            k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+            v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+        out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
         b = meta.num_decode
         if b:
-            assert meta.decode_tables is not None
-            keys, vals = _gather(k_cache, meta.decode_tables), _gather(v_cache, meta.decode_tables)
-            o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
-                                               enable_gqa=True)
-            out[:b] = o.squeeze(2)
+            assert meta.decode_tables is not None and meta.decode_lens is not None
+            if lib is not None:
+                cpu_kernels.decode_attention(lib, q[:b], k_cache, v_cache, meta.decode_tables, meta.decode_lens,
+                                             d**-0.5, out[:b])
+            else:
+                keys, vals = _gather(k_cache, meta.decode_tables), _gather(v_cache, meta.decode_tables)
+                o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
+                                                   enable_gqa=True)
+                out[:b] = o.squeeze(2)
         for seg in meta.prefill:
             rows = slice(seg.start, seg.start + seg.length)
             qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
@@ -70,7 +87,17 @@ class Attention(nn.Module):
                 mask, causal = torch.arange(span, device=x.device)[None, :] <= qpos, False
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[rows] = o.squeeze(0).transpose(0, 1)
-        return self.o_proj(out.view(t, self.num_heads * d))
+        return self.o_proj(out.view(t, h * d))
+
+
+@dataclass
+class Rope:
+    """What a layer needs for rotary embeddings in one step: with the CPU kernels, the whole
+    cos/sin tables (the kernel looks positions up); without, this step's cos/sin per token."""
+
+    rotary: Rotary
+    kernels: ctypes.CDLL | None
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -127,6 +154,9 @@ class CausalLM(nn.Module):
             self.lm_head = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None
         self.finalized = False
+        # The CPU kernels (None: the PyTorch path, e.g. on CUDA or in float16).
+        probe = torch.empty(0, dtype=dtype, device=device)
+        self.kernels = cpu_kernels.get() if cpu_kernels.supports(probe) else None
 
     def finalize(self, head_packed: torch.Tensor | None = None) -> None:
         """Prepare kernels' weight layouts once every weight is loaded; `head_packed`: the output
@@ -156,16 +186,37 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, meta: AttnMeta, kv_cache: torch.Tensor) -> torch.Tensor | None:
         """Run the packed batch; returns float32 logits for `meta.sample_rows` on rank 0, else None."""
-        h = self.embed_tokens(meta.input_ids)
-        residual = h
-        cos_sin = self.rotary.at(meta.positions)
+        if self.kernels is not None:
+            return self._forward_fused(meta, kv_cache, self.kernels)
+        residual = self.embed_tokens(meta.input_ids)
+        rope = Rope(self.rotary, None, self.rotary.at(meta.positions))
         for i, layer in enumerate(self.decoder_layers):
-            h = layer.self_attn(layer.input_layernorm(residual), meta, cos_sin, kv_cache[:, i, 0], kv_cache[:, i, 1])
+            h = layer.self_attn(layer.input_layernorm(residual), meta, rope, kv_cache[:, i, 0], kv_cache[:, i, 1])
             residual = residual + h
             residual = residual + layer.mlp(layer.post_attention_layernorm(residual))
         if self.rank != 0 or not len(meta.sample_rows):
             return None
-        h = self.norm(residual[meta.sample_rows])
+        return self._logits(self.norm(residual[meta.sample_rows]))
+
+    def _forward_fused(self, meta: AttnMeta, kv_cache: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor | None:
+        """`forward` with the CPU kernels: each residual add runs fused with the norm after it,
+        in place in `residual`, and every norm writes into one buffer `x`."""
+        residual = self.embed_tokens(meta.input_ids)
+        x = torch.empty_like(residual)
+        rope = Rope(self.rotary, lib, (self.rotary.cos, self.rotary.sin))
+        norms = [w for layer in self.decoder_layers
+                 for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)] + [self.norm.weight]
+        eps = self.cfg.rms_norm_eps
+        cpu_kernels.add_rms_norm(lib, residual, None, norms[0], eps, x)
+        for i, layer in enumerate(self.decoder_layers):
+            h = layer.self_attn(x, meta, rope, kv_cache[:, i, 0], kv_cache[:, i, 1])
+            cpu_kernels.add_rms_norm(lib, residual, h, norms[2 * i + 1], eps, x)
+            cpu_kernels.add_rms_norm(lib, residual, layer.mlp(x), norms[2 * i + 2], eps, x)
+        if self.rank != 0 or not len(meta.sample_rows):
+            return None
+        return self._logits(x[meta.sample_rows])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return linear(h, self.head_weight, self.lm_head_packed).float()
 
     def checkpoint_names(self) -> list[str]:

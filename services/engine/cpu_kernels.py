@@ -1,0 +1,152 @@
+"""Nitsum's CPU kernels (`csrc/cpu_kernels.cpp`): paged decode attention, fused residual add +
+RMSNorm, and rotary embedding fused with the KV-cache write.
+
+Eager PyTorch runs a decode step as hundreds of small ops, and its decode attention first copies
+every sequence's keys and values out of the paged cache (a gather) before attending: at 64
+sequences that copy and the attention over it were 80% of a step. These kernels read the cache in
+place and do each job in one pass.
+
+Built on first use with the host's C++ compiler (`$CXX`, else `g++`; a couple of seconds, no
+PyTorch headers) into a cache folder (`$NITSUM_KERNEL_CACHE`, else `~/.cache/nitsum/kernels`),
+keyed by the source, the flags and this CPU, and loaded through ctypes. Where no compiler works,
+or with `NITSUM_CPU_KERNELS=0`, `get()` returns None and the model uses its PyTorch path, which
+computes the same thing (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-fno-math-errno",
+         "-ffp-contract=off"]  # no fused multiply-adds: round where the reference rounds
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES: dict[str, list[type]] = {
+    "nitsum_decode_attention": [i32, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr,
+                                i32, i32, i32, i32, i32, f32, ptr, i64, i64],
+    "nitsum_add_rms_norm": [i32, ptr, ptr, ptr, ptr, i64, i64, f32],
+    "nitsum_rope_store_kv": [i32, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr],
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("NITSUM_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the machine and its CPU flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NITSUM_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "nitsum" / "kernels"
+
+
+def build(cxx: str | None = None) -> Path:
+    """Compile the kernels (or find them already built) and return the shared library's path.
+    Raises RuntimeError saying why when the compiler is missing or fails."""
+    cxx = cxx or os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set CXX, or install g++)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cxx, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes starting together never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def get() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled, or they could not be built: logged once)."""
+    global _lib, _tried
+    if _tried or not enabled():
+        return _lib if enabled() else None
+    _tried = True
+    try:
+        lib = ctypes.CDLL(str(build()))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+        _lib = lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("CPU kernels unavailable, using the PyTorch path (slower): %s", e)
+    return _lib
+
+
+def supports(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in DTYPE_CODES
+
+
+def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     tables: torch.Tensor, lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the first lens[b] keys of sequence b,
+    whose keys sit in blocks tables[b] of the caches [blocks, KV heads, block_size, d].
+    q and out: [B, H, d] with d contiguous; H a multiple of the KV heads."""
+    b, h, d = q.shape
+    _, kvh, bs, _ = k_cache.shape
+    assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(3) == 1 and tables.dtype == lens.dtype == torch.int64 and tables.stride(1) == 1
+    lib.nitsum_decode_attention(
+        DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.data_ptr(), tables.stride(0),
+        lens.data_ptr(), b, h, kvh, bs, d, scale, out.data_ptr(), out.stride(0), out.stride(1))
+
+
+def add_rms_norm(lib: ctypes.CDLL, residual: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float, out: torch.Tensor) -> None:
+    """residual += h (when given), then out = RMSNorm(residual) * weight; all [rows, D] contiguous."""
+    assert residual.is_contiguous() and out.is_contiguous() and (h is None or h.is_contiguous())
+    rows, dim = residual.shape
+    lib.nitsum_add_rms_norm(DTYPE_CODES[residual.dtype], residual.data_ptr(), None if h is None else h.data_ptr(),
+                            weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+
+
+def rope_store_kv(lib: ctypes.CDLL, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:
+    """Rotate q and k of the fused QKV rows [T, (H + 2 KVH) d] in place at `positions` (cos, sin:
+    [max_len, d]), then write each row's k and v into the caches at (slot_blocks, slot_offsets)."""
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    lib.nitsum_rope_store_kv(
+        DTYPE_CODES[qkv.dtype], qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim,
+        cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_blocks.data_ptr(), slot_offsets.data_ptr())
