@@ -34,11 +34,13 @@ def paged_cache(dtype: torch.dtype, blocks: int = 64, kv_heads: int = 2, block_s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("heads", [2, 6], ids=lambda h: f"heads{h}")  # one query head per KV head, and GQA
-def test_decode_attention_equals_gathered_sdpa(dtype: torch.dtype, heads: int) -> None:
-    k_cache, v_cache = paged_cache(dtype)
+# 1, 3, 5 and 8 query heads per KV head; head sizes with (64, 128) and without (32) a register-held path
+@pytest.mark.parametrize("heads", [2, 6, 10, 16], ids=lambda h: f"heads{h}")
+@pytest.mark.parametrize("head_dim", [32, 64, 128], ids=lambda d: f"d{d}")
+def test_decode_attention_equals_gathered_sdpa(dtype: torch.dtype, heads: int, head_dim: int) -> None:
+    k_cache, v_cache = paged_cache(dtype, head_dim=head_dim)
     bs, d = k_cache.shape[2], k_cache.shape[3]
-    lens = torch.tensor([1, 4, 5, 17, 31])  # one key, a full block, one past it, ragged tails
+    lens = torch.tensor([1, 4, 5, 17, 31, 90])  # one key, a full block, one past it, ragged tails
     width = -(-int(lens.max()) // bs)
     g = torch.Generator().manual_seed(1)
     tables = torch.stack([torch.randperm(k_cache.shape[0], generator=g)[:width] for _ in lens])

@@ -8,13 +8,20 @@
 // reference (transformers' eager Llama) rounds, so bfloat16 results match it op for op.
 
 #include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define NITSUM_AVX512_BF16 1
+#endif
 
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 namespace {
+
+constexpr int kMaxHeadDim = 512;
 
 inline float bf16_to_f32(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
 
@@ -66,23 +73,8 @@ inline void for_each_token(const T* cache, int64_t c_sb, int64_t c_st, const int
     }
 }
 
-// Decode attention of one sequence and one KV head over its blocks: the G query heads that
-// share the KV head. Two passes over the keys' scores (max, then exp and sum), one over values.
-template <typename T>
-void decode_one(const T* q, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb, int64_t c_st,
-                const int64_t* table, int64_t len, int G, int bs, int d, float scale, T* out, int64_t o_sh,
-                float* qf, float* sc, float* acc) {
-    for (int g = 0; g < G; ++g)
-        for (int i = 0; i < d; ++i) qf[g * d + i] = Elem<T>::load(q[g * q_sh + i]) * scale;
-    for_each_token(kc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* kr) {
-        for (int g = 0; g < G; ++g) {
-            const float* qg = qf + g * d;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int i = 0; i < d; ++i) s += qg[i] * Elem<T>::load(kr[i]);
-            sc[g * len + t] = s;
-        }
-    });
+// Each of the G rows of sc [G, len] becomes its softmax, in place.
+inline void softmax_rows(float* sc, int G, int64_t len) {
     for (int g = 0; g < G; ++g) {
         float* s = sc + g * len;
         float m = -INFINITY;
@@ -97,18 +89,171 @@ void decode_one(const T* q, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
     }
+}
+
+// Decode attention of one sequence and one KV head over its blocks: the G query heads that
+// share the KV head. Two passes over the keys' scores (max, then exp and sum), one over values.
+template <typename T>
+void decode_one(const T* q, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb, int64_t c_st,
+                const int64_t* table, int64_t len, int G, int bs, int d, float scale, T* out, int64_t o_sh,
+                float* qf, float* sc, float* acc) {
+    for (int g = 0; g < G; ++g)
+        for (int i = 0; i < d; ++i) qf[g * d + i] = Elem<T>::load(q[g * q_sh + i]) * scale;
+    float row[kMaxHeadDim];  // one key or value row in float32, converted once for all G heads
+    for_each_token(kc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* kr) {
+#pragma omp simd
+        for (int i = 0; i < d; ++i) row[i] = Elem<T>::load(kr[i]);
+        for (int g = 0; g < G; ++g) {
+            const float* qg = qf + g * d;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < d; ++i) s += qg[i] * row[i];
+            sc[g * len + t] = s;
+        }
+    });
+    softmax_rows(sc, G, len);
     std::memset(acc, 0, sizeof(float) * G * d);
     for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* vr) {
+#pragma omp simd
+        for (int i = 0; i < d; ++i) row[i] = Elem<T>::load(vr[i]);
         for (int g = 0; g < G; ++g) {
             const float p = sc[g * len + t];
             float* a = acc + g * d;
 #pragma omp simd
-            for (int i = 0; i < d; ++i) a[i] += p * Elem<T>::load(vr[i]);
+            for (int i = 0; i < d; ++i) a[i] += p * row[i];
         }
     });
     for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i) out[g * o_sh + i] = Elem<T>::store(acc[g * d + i]);
 }
+
+#ifdef NITSUM_AVX512_BF16
+// r[i] = the sum of v[i]'s 16 lanes: a transpose-and-add tree, 3 instructions a vector.
+inline __m512 sum_lanes16(const __m512* v) {
+    __m512 quads[4];
+    for (int q = 0; q < 4; ++q) {  // 4 vectors -> per 128-bit lane, their 4 lane sums
+        const __m512* w = v + 4 * q;
+        const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        quads[q] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 s2 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s1, s2, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s1, s2, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// acc[g] = sum_t p[g, t] v_t for GC heads (p rows of stride len), the GC x NV accumulators held
+// in registers across all tokens: the common head sizes (64, 128) and up to 16 accumulators.
+template <int NV, int GC>
+void values_fixed(const uint16_t* vc, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t len, int bs,
+                  const float* p, float* acc) {
+    __m512 a[GC][NV];
+    for (int g = 0; g < GC; ++g)
+        for (int j = 0; j < NV; ++j) a[g][j] = _mm512_setzero_ps();
+    for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const uint16_t* vr) {
+        __m512 v[NV];
+        for (int j = 0; j < NV; ++j) v[j] = load_bf16x16(vr + 16 * j);
+        for (int g = 0; g < GC; ++g) {
+            const __m512 w = _mm512_set1_ps(p[g * len + t]);
+            for (int j = 0; j < NV; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
+        }
+    });
+    for (int g = 0; g < GC; ++g)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + g * NV * 16 + 16 * j, a[g][j]);
+}
+
+// values_fixed for min(heads, MAX_GC) heads; returns how many it did.
+template <int NV, int MAX_GC>
+int values_in_registers(int heads, const uint16_t* vc, int64_t c_sb, int64_t c_st, const int64_t* table,
+                        int64_t len, int bs, const float* p, float* acc) {
+    static_assert(MAX_GC <= 4);
+    const int gc = heads < MAX_GC ? heads : MAX_GC;
+    switch (gc) {
+        case 1: values_fixed<NV, 1>(vc, c_sb, c_st, table, len, bs, p, acc); break;
+        case 2: values_fixed<NV, 2>(vc, c_sb, c_st, table, len, bs, p, acc); break;
+        case 3: values_fixed<NV, (MAX_GC >= 3 ? 3 : 1)>(vc, c_sb, c_st, table, len, bs, p, acc); break;
+        default: values_fixed<NV, MAX_GC>(vc, c_sb, c_st, table, len, bs, p, acc); break;
+    }
+    return gc;
+}
+
+// The same for any head size (a multiple of 16), accumulating in memory; all heads at once.
+inline int values_in_memory(int heads, const uint16_t* vc, int64_t c_sb, int64_t c_st, const int64_t* table,
+                            int64_t len, int bs, int d, const float* p, float* acc) {
+    std::memset(acc, 0, sizeof(float) * heads * d);
+    for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const uint16_t* vr) {
+        for (int j = 0; j < d; j += 16) {
+            const __m512 v = load_bf16x16(vr + j);
+            for (int g = 0; g < heads; ++g) {
+                float* a = acc + g * d + j;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * len + t]), v, _mm512_loadu_ps(a)));
+            }
+        }
+    });
+    return heads;
+}
+
+// Keys and values sit in blocks of a few KiB scattered over the cache, where the hardware
+// prefetcher barely helps: the kernel asks for rows [t0, t1) of a sequence ahead of their use.
+inline void prefetch_rows(const uint16_t* cache, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t t0,
+                          int64_t t1, int64_t len, int bs, int d) {
+    for (int64_t t = t0; t < t1 && t < len; ++t) {
+        const uint16_t* row = cache + table[t / bs] * c_sb + (t % bs) * c_st;
+        for (int j = 0; j < d; j += 32) _mm_prefetch(reinterpret_cast<const char*>(row + j), _MM_HINT_T0);
+    }
+}
+
+// decode_one for bfloat16 with head_dim % 32 == 0: q.k with the bf16 dot-product instruction
+// (exact products, float32 sums), 16 keys' dots reduced at once; values in float32 FMAs.
+void decode_one_bf16(const uint16_t* q, int64_t q_sh, const uint16_t* kc, const uint16_t* vc, int64_t c_sb,
+                     int64_t c_st, const int64_t* table, int64_t len, int G, int bs, int d, float scale,
+                     uint16_t* out, int64_t o_sh, float* sc, float* acc) {
+    const int nk = d / 32;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const uint16_t* rows[16];
+    __m512 part[16];
+    constexpr int64_t kAhead = 48;  // keys asked for this many rows ahead; values as keys are done
+    prefetch_rows(kc, c_sb, c_st, table, 0, kAhead, len, bs, d);
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+        const int n = len - t0 < 16 ? static_cast<int>(len - t0) : 16;
+        prefetch_rows(kc, c_sb, c_st, table, t0 + kAhead, t0 + kAhead + 16, len, bs, d);
+        prefetch_rows(vc, c_sb, c_st, table, t0, t0 + 16, len, bs, d);
+        for (int i = 0; i < n; ++i) rows[i] = kc + table[(t0 + i) / bs] * c_sb + ((t0 + i) % bs) * c_st;
+        for (int g = 0; g < G; ++g) {
+            const uint16_t* qg = q + g * q_sh;
+            for (int i = 0; i < 16; ++i) part[i] = _mm512_setzero_ps();
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < nk; ++j)
+                    part[i] = _mm512_dpbf16_ps(part[i], (__m512bh)_mm512_loadu_si512(qg + 32 * j),
+                                               (__m512bh)_mm512_loadu_si512(rows[i] + 32 * j));
+            _mm512_mask_storeu_ps(sc + g * len + t0, static_cast<__mmask16>((1u << n) - 1u),
+                                  _mm512_mul_ps(sum_lanes16(part), vscale));
+        }
+    }
+    softmax_rows(sc, G, len);
+    for (int g0 = 0; g0 < G;) {
+        const float* p = sc + g0 * len;
+        float* a = acc + g0 * d;
+        if (d == 64)
+            g0 += values_in_registers<4, 4>(G - g0, vc, c_sb, c_st, table, len, bs, p, a);
+        else if (d == 128)
+            g0 += values_in_registers<8, 2>(G - g0, vc, c_sb, c_st, table, len, bs, p, a);
+        else
+            g0 += values_in_memory(G - g0, vc, c_sb, c_st, table, len, bs, d, p, a);
+    }
+    for (int g = 0; g < G; ++g)
+        for (int i = 0; i < d; ++i) out[g * o_sh + i] = f32_to_bf16(acc[g * d + i]);
+}
+#endif
 
 template <typename T>
 void decode_attention(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb,
@@ -121,9 +266,19 @@ void decode_attention(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const
 #pragma omp parallel if (tasks > 1)
     {
         float* buf = static_cast<float*>(std::malloc(sizeof(float) * (2 * G * d + G * max_len)));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
         for (int task = 0; task < tasks; ++task) {
             const int b = task / KVH, h = task % KVH;
+#ifdef NITSUM_AVX512_BF16
+            if constexpr (sizeof(T) == 2) {
+                if (d % 32 == 0) {
+                    decode_one_bf16(q + b * q_sb + h * G * q_sh, q_sh, kc + h * c_sh, vc + h * c_sh, c_sb, c_st,
+                                    tables + b * t_sb, lens[b], G, bs, d, scale, out + b * o_sb + h * G * o_sh,
+                                    o_sh, buf + 2 * G * d, buf + G * d);
+                    continue;
+                }
+            }
+#endif
             decode_one<T>(q + b * q_sb + h * G * q_sh, q_sh, kc + h * c_sh, vc + h * c_sh, c_sb, c_st,
                           tables + b * t_sb, lens[b], G, bs, d, scale, out + b * o_sb + h * G * o_sh, o_sh, buf,
                           buf + 2 * G * d, buf + G * d);
