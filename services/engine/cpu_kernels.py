@@ -97,17 +97,18 @@ def build(cxx: str | None = None) -> Path:
 def get() -> ctypes.CDLL | None:
     """The loaded kernels, or None (disabled, or they could not be built: logged once)."""
     global _lib, _tried
-    if _tried or not enabled():
-        return _lib if enabled() else None
-    _tried = True
-    try:
-        lib = ctypes.CDLL(str(build()))
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
-        _lib = lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernels unavailable, using the PyTorch path (slower): %s", e)
+    if not enabled():
+        return None
+    if not _tried:
+        _tried = True
+        try:
+            lib = ctypes.CDLL(str(build()))
+            for name, argtypes in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = argtypes, None
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("CPU kernels unavailable, using the PyTorch path (slower): %s", e)
     return _lib
 
 

@@ -25,17 +25,17 @@ SCRIPT = textwrap.dedent("""
         weights = [torch.empty(8 << 20, dtype=torch.uint8).fill_(1) for _ in range(8)]
         out.append(faults() - before)
         del weights
-    for _ in range(2):
+    for _ in range(4):
         t = threading.Thread(target=epoch); t.start(); t.join()
-    print(out[0], out[1])
+    print(*out)
 """)
 
 
-def page_faults(keep: bool) -> tuple[int, int]:
+def page_faults(keep: bool) -> list[int]:
+    """Minor page faults of each of four epochs that build 64 MiB of weights and free them."""
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(int(keep))], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    first, second = r.stdout.split()
-    return int(first), int(second)
+    return [int(n) for n in r.stdout.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -44,4 +44,9 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     plain = page_faults(keep=False)
     assert min(plain) > pages // 2  # glibc hands 8 MiB blocks back to the kernel: every epoch faults them in
     kept = page_faults(keep=True)
-    assert max(kept) < pages // 20  # the reserve was faulted in once, at start
+    assert kept[0] < pages // 20  # the reserve was faulted in once, at start
+    # Later epochs reuse what the first freed. Now and then a small allocation lands inside the
+    # freed range and one epoch's last tensors go past it (seen: 2k-6k pages in one epoch of
+    # fifteen), so the bound is on the three together: under one epoch's worth of pages, where
+    # without the keeper each epoch alone faults more than half of them.
+    assert sum(kept[1:]) < pages, kept
