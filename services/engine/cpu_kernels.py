@@ -36,6 +36,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_threads = 0  # what the library was last told
 
 i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, list[type]] = {
@@ -43,6 +44,7 @@ _SIGNATURES: dict[str, list[type]] = {
                                 i32, i32, i32, i32, i32, f32, ptr, i64, i64],
     "nitsum_add_rms_norm": [i32, ptr, ptr, ptr, ptr, i64, i64, f32],
     "nitsum_rope_store_kv": [i32, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr],
+    "nitsum_set_threads": [i32],
 }
 
 
@@ -112,6 +114,15 @@ def get() -> ctypes.CDLL | None:
     return _lib
 
 
+def _sync_threads(lib: ctypes.CDLL) -> None:
+    """The kernels use as many threads as torch (`torch.set_num_threads`, e.g. one per slot)."""
+    global _threads
+    n = torch.get_num_threads()
+    if n != _threads:
+        lib.nitsum_set_threads(n)
+        _threads = n
+
+
 def supports(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in DTYPE_CODES
 
@@ -125,6 +136,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
     _, kvh, bs, _ = k_cache.shape
     assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride() == v_cache.stride()
     assert k_cache.stride(3) == 1 and tables.dtype == lens.dtype == torch.int64 and tables.stride(1) == 1
+    _sync_threads(lib)
     lib.nitsum_decode_attention(
         DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.data_ptr(), tables.stride(0),
@@ -136,6 +148,7 @@ def add_rms_norm(lib: ctypes.CDLL, residual: torch.Tensor, h: torch.Tensor | Non
     """residual += h (when given), then out = RMSNorm(residual) * weight; all [rows, D] contiguous."""
     assert residual.is_contiguous() and out.is_contiguous() and (h is None or h.is_contiguous())
     rows, dim = residual.shape
+    _sync_threads(lib)
     lib.nitsum_add_rms_norm(DTYPE_CODES[residual.dtype], residual.data_ptr(), None if h is None else h.data_ptr(),
                             weight.data_ptr(), out.data_ptr(), rows, dim, eps)
 
@@ -147,6 +160,7 @@ def rope_store_kv(lib: ctypes.CDLL, qkv: torch.Tensor, num_heads: int, num_kv_he
     [max_len, d]), then write each row's k and v into the caches at (slot_blocks, slot_offsets)."""
     assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    _sync_threads(lib)
     lib.nitsum_rope_store_kv(
         DTYPE_CODES[qkv.dtype], qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim,
         cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

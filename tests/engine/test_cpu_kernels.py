@@ -9,6 +9,7 @@ PyTorch path, which CUDA and float16 use, must give the same tokens.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,31 @@ def test_keys_with_equal_scores_average_their_values() -> None:
     cpu_kernels.decode_attention(LIB, q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([2]),
                                  1 / math.sqrt(4), out)
     torch.testing.assert_close(out[0, 0], v_cache[1, 0, :2].mean(0))
+
+
+def test_kernels_use_as_many_threads_as_torch() -> None:
+    """A slot sets one thread (torch.set_num_threads); a kernel called from another Python thread,
+    whose OpenMP default would be every core, must not start a team of its own."""
+    def os_threads() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+    k_cache, v_cache = paged_cache(torch.float32)
+    q = torch.randn(8, 2, k_cache.shape[3])
+    tables = torch.zeros(8, 1, dtype=torch.long)
+    counts: list[int] = []
+
+    def decode() -> None:
+        counts.append(os_threads())
+        cpu_kernels.decode_attention(LIB, q, k_cache, v_cache, tables, torch.full((8,), 3), 0.5, torch.empty_like(q))
+        counts.append(os_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = threading.Thread(target=decode)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert counts[1] == counts[0]

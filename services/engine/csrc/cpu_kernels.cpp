@@ -23,6 +23,10 @@ namespace {
 
 constexpr int kMaxHeadDim = 512;
 
+// Threads for the kernels' parallel regions: torch's count, which Python hands over (an OpenMP
+// thread's own default would be every core whatever torch.set_num_threads said).
+int g_threads = 1;
+
 inline float bf16_to_f32(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
@@ -263,7 +267,7 @@ void decode_attention(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const
     int64_t max_len = 1;
     for (int b = 0; b < B; ++b) max_len = lens[b] > max_len ? lens[b] : max_len;
     const int tasks = B * KVH;
-#pragma omp parallel if (tasks > 1)
+#pragma omp parallel num_threads(g_threads) if (tasks > 1)
     {
         float* buf = static_cast<float*>(std::malloc(sizeof(float) * (2 * G * d + G * max_len)));
 #pragma omp for schedule(static)
@@ -290,7 +294,7 @@ void decode_attention(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const
 // residual += h (rounded to T, as the reference's add is), then out = w * T(rms_norm(residual)).
 template <typename T>
 void add_rms_norm(T* residual, const T* h, const T* w, T* out, int64_t rows, int64_t D, float eps) {
-#pragma omp parallel for schedule(static) if (rows * D >= 65536)
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (rows * D >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
         T* x = residual + r * D;
         if (h != nullptr) {
@@ -318,7 +322,7 @@ void rope_store_kv(T* qkv, int64_t rows, int64_t row_stride, int H, int KVH, int
                    const int64_t* positions, T* kc, T* vc, int64_t c_sb, int64_t c_sh, int64_t c_st,
                    const int64_t* slot_blocks, const int64_t* slot_offsets) {
     const int half = d / 2;
-#pragma omp parallel for schedule(static) if (rows >= 16)
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (rows >= 16)
     for (int64_t r = 0; r < rows; ++r) {
         T* row = qkv + r * row_stride;
         const T* c = cos + positions[r] * d;
@@ -346,7 +350,7 @@ void rope_store_kv(T* qkv, int64_t rows, int64_t row_stride, int H, int KVH, int
 
 extern "C" {
 
-int nitsum_kernels_version() { return 1; }
+void nitsum_set_threads(int threads) { g_threads = threads > 0 ? threads : 1; }
 
 // q [B, H, d] (strides q_sb, q_sh; d contiguous); caches [blocks, KVH, bs, d] (strides c_sb, c_sh,
 // c_st); tables [B, >= ceil(len/bs)] (row stride t_sb); lens [B] keys per sequence; out like q.
