@@ -33,6 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-fno-math-errno",
          "-ffp-contract=off"]  # no fused multiply-adds: round where the reference rounds
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_HEAD_DIM = 512  # kMaxHeadDim in the source
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -123,8 +124,9 @@ def _sync_threads(lib: ctypes.CDLL) -> None:
         _threads = n
 
 
-def supports(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in DTYPE_CODES
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a model on `device` in `dtype` with heads of `head_dim` can run on the kernels."""
+    return device.type == "cpu" and dtype in DTYPE_CODES and head_dim <= MAX_HEAD_DIM
 
 
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -155,8 +155,7 @@ class CausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None
         self.finalized = False
         # The CPU kernels (None: the PyTorch path, e.g. on CUDA or in float16).
-        probe = torch.empty(0, dtype=dtype, device=device)
-        self.kernels = cpu_kernels.get() if cpu_kernels.supports(probe) else None
+        self.kernels = cpu_kernels.get() if cpu_kernels.supports(device, dtype, cfg.head_dim) else None
 
     def finalize(self, head_packed: torch.Tensor | None = None) -> None:
         """Prepare kernels' weight layouts once every weight is loaded; `head_packed`: the output

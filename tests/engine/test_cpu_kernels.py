@@ -176,3 +176,11 @@ def test_kernels_use_as_many_threads_as_torch() -> None:
     finally:
         torch.set_num_threads(before)
     assert counts[1] == counts[0]
+
+
+def test_models_the_kernels_do_not_cover_take_the_pytorch_path() -> None:
+    cpu = torch.device("cpu")
+    assert cpu_kernels.supports(cpu, torch.bfloat16, 128) and cpu_kernels.supports(cpu, torch.float32, 64)
+    assert not cpu_kernels.supports(cpu, torch.float16, 128)
+    assert not cpu_kernels.supports(torch.device("cuda", 0), torch.bfloat16, 128)
+    assert not cpu_kernels.supports(cpu, torch.bfloat16, cpu_kernels.MAX_HEAD_DIM * 2)

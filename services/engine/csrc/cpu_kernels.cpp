@@ -1,11 +1,13 @@
 // Nitsum's CPU kernels: the decode-step work that eager PyTorch does in many small ops or
 // through copies. Built on first use by services/engine/cpu_kernels.py (g++ -O3 -march=native
 // -fopenmp) and called through ctypes with raw pointers; no PyTorch headers, so a build takes a
-// couple of seconds. OpenMP resolves to the libgomp that torch has already loaded, so both share
-// one thread pool and torch.set_num_threads governs them.
+// second. OpenMP resolves to the libgomp that torch has already loaded, so both share one thread
+// pool, and the wrappers pass torch's thread count (nitsum_set_threads).
 //
-// dtype codes: 0 = float32, 1 = bfloat16. Every kernel computes in float32 and rounds where the
-// reference (transformers' eager Llama) rounds, so bfloat16 results match it op for op.
+// dtype codes: 0 = float32, 1 = bfloat16. Every kernel computes in float32. Residual add + norm
+// and rotary + KV write round where the reference (transformers' eager Llama) rounds, so their
+// bfloat16 results equal it; attention sums in float32 as SDPA does, with a polynomial exp.
+// Head sizes up to kMaxHeadDim (cpu_kernels.MAX_HEAD_DIM checks it before any call).
 
 #include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
