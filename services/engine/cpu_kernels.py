@@ -1,5 +1,5 @@
 """Nitsum's CPU kernels (`csrc/cpu_kernels.cpp`): paged decode attention, fused residual add +
-RMSNorm, and rotary embedding fused with the KV-cache write.
+RMSNorm, rotary embedding fused with the KV-cache write, and SiLU(gate) * up.
 
 Eager PyTorch runs a decode step as hundreds of small ops, and its decode attention first copies
 every sequence's keys and values out of the paged cache (a gather) before attending: at 64
@@ -45,6 +45,7 @@ _SIGNATURES: dict[str, list[type]] = {
                                 i32, i32, i32, i32, i32, f32, ptr, i64, i64],
     "nitsum_add_rms_norm": [i32, ptr, ptr, ptr, ptr, i64, i64, f32],
     "nitsum_rope_store_kv": [i32, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr],
+    "nitsum_silu_mul": [i32, ptr, i64, i64, ptr],
     "nitsum_set_threads": [i32],
 }
 
@@ -167,3 +168,13 @@ def rope_store_kv(lib: ctypes.CDLL, qkv: torch.Tensor, num_heads: int, num_kv_he
         DTYPE_CODES[qkv.dtype], qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim,
         cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_blocks.data_ptr(), slot_offsets.data_ptr())
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the fused gate+up projection [rows, 2 * inter] (gate first)."""
+    assert gate_up.is_contiguous()
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _sync_threads(lib)
+    lib.nitsum_silu_mul(DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), rows, width // 2, out.data_ptr())
+    return out

@@ -119,8 +119,11 @@ class MLP(nn.Module):
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, dtype, device)
         self.down = RowParallelLinear(inter, cfg.hidden_size, dtype, device, group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, kernels: ctypes.CDLL | None = None) -> torch.Tensor:
+        gate_up = self.gate_up(x)
+        if kernels is not None:
+            return self.down(cpu_kernels.silu_mul(kernels, gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -210,7 +213,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.decoder_layers):
             h = layer.self_attn(x, meta, rope, kv_cache[:, i, 0], kv_cache[:, i, 1])
             cpu_kernels.add_rms_norm(lib, residual, h, norms[2 * i + 1], eps, x)
-            cpu_kernels.add_rms_norm(lib, residual, layer.mlp(x), norms[2 * i + 2], eps, x)
+            cpu_kernels.add_rms_norm(lib, residual, layer.mlp(x, lib), norms[2 * i + 2], eps, x)
         if self.rank != 0 or not len(meta.sample_rows):
             return None
         return self._logits(x[meta.sample_rows])

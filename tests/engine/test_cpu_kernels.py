@@ -184,3 +184,15 @@ def test_models_the_kernels_do_not_cover_take_the_pytorch_path() -> None:
     assert not cpu_kernels.supports(cpu, torch.float16, 128)
     assert not cpu_kernels.supports(torch.device("cuda", 0), torch.bfloat16, 128)
     assert not cpu_kernels.supports(cpu, torch.bfloat16, cpu_kernels.MAX_HEAD_DIM * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 64], ids=lambda r: f"rows{r}")
+def test_silu_mul_equals_silu_then_mul(dtype: torch.dtype, rows: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(rows, 2 * 1280, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    # float32 to its rounding noise; bfloat16 within one step (the exp differs from libm's in its
+    # last bits, which can move a product across a bfloat16 rounding boundary)
+    torch.testing.assert_close(cpu_kernels.silu_mul(LIB, gate_up), F.silu(gate) * up, atol=TOL[dtype],
+                               rtol=TOL[dtype])

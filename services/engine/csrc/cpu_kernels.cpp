@@ -348,6 +348,24 @@ void rope_store_kv(T* qkv, int64_t rows, int64_t row_stride, int H, int KVH, int
     }
 }
 
+// out = T(T(silu(gate)) * up) for each row of the gate+up projection [rows, 2 * inter] (gate
+// first), rounding as the reference's two ops do.
+template <typename T>
+void silu_mul(const T* gate_up, int64_t rows, int64_t inter, T* out) {
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (rows * inter >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* g = gate_up + r * 2 * inter;
+        const T* u = g + inter;
+        T* o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; ++i) {
+            const float x = Elem<T>::load(g[i]);
+            const float act = Elem<T>::round(x / (1.0f + exp_approx(-x)));
+            o[i] = Elem<T>::store(act * Elem<T>::load(u[i]));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -396,6 +414,14 @@ void nitsum_rope_store_kv(int dtype, void* qkv, int64_t rows, int64_t row_stride
         rope_store_kv<float>(static_cast<float*>(qkv), rows, row_stride, H, KVH, d, static_cast<const float*>(cos),
                              static_cast<const float*>(sin), positions, static_cast<float*>(kc),
                              static_cast<float*>(vc), c_sb, c_sh, c_st, slot_blocks, slot_offsets);
+}
+
+// gate_up [rows, 2 * inter] contiguous, out [rows, inter] contiguous.
+void nitsum_silu_mul(int dtype, const void* gate_up, int64_t rows, int64_t inter, void* out) {
+    if (dtype == 1)
+        silu_mul<uint16_t>(static_cast<const uint16_t*>(gate_up), rows, inter, static_cast<uint16_t*>(out));
+    else
+        silu_mul<float>(static_cast<const float*>(gate_up), rows, inter, static_cast<float*>(out));
 }
 
 }  // extern "C"
