@@ -1,5 +1,6 @@
 """Nitsum's CPU kernels (`csrc/cpu_kernels.cpp`): paged decode attention, fused residual add +
-RMSNorm, rotary embedding fused with the KV-cache write, and SiLU(gate) * up.
+RMSNorm, rotary embedding fused with the KV-cache write, SiLU(gate) * up, and the one-row
+matrix-vector product of a batch-1 decode step (bfloat16, AVX512-BF16 CPUs).
 
 Eager PyTorch runs a decode step as hundreds of small ops, and its decode attention first copies
 every sequence's keys and values out of the paged cache (a gather) before attending: at 64
@@ -40,14 +41,17 @@ _tried = False
 _threads = 0  # what the library was last told
 
 i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_SIGNATURES: dict[str, list[type]] = {
+_SIGNATURES: dict[str, list[type]] = {  # every function returns void but the two in _RETURNS_INT
     "nitsum_decode_attention": [i32, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr,
                                 i32, i32, i32, i32, i32, f32, ptr, i64, i64],
     "nitsum_add_rms_norm": [i32, ptr, ptr, ptr, ptr, i64, i64, f32],
     "nitsum_rope_store_kv": [i32, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr],
     "nitsum_silu_mul": [i32, ptr, i64, i64, ptr],
     "nitsum_set_threads": [i32],
+    "nitsum_gemv_bf16": [ptr, ptr, ptr, i64, i64, ptr],
+    "nitsum_has_avx512_bf16": [],
 }
+_RETURNS_INT = ("nitsum_gemv_bf16", "nitsum_has_avx512_bf16")
 
 
 def enabled() -> bool:
@@ -109,7 +113,7 @@ def get() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(build()))
             for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes, fn.restype = argtypes, (i32 if name in _RETURNS_INT else None)
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("CPU kernels unavailable, using the PyTorch path (slower): %s", e)
@@ -178,3 +182,22 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     _sync_threads(lib)
     lib.nitsum_silu_mul(DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), rows, width // 2, out.data_ptr())
     return out
+
+
+def gemv_lib(weight: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, when they can do one-row products with `weight` [N, K]: a bfloat16 CPU weight,
+    K a multiple of 32, and a CPU with AVX512-BF16 (else oneDNN does them)."""
+    lib = get() if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else None
+    if lib is None or weight.dim() != 2 or weight.shape[1] % 32 or not weight.is_contiguous():
+        return None
+    return lib if lib.nitsum_has_avx512_bf16() else None
+
+
+def gemv(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias) -> [1, N], reading the weight once, row-major."""
+    assert x.shape == (1, weight.shape[1]) and x.is_contiguous() and x.dtype == weight.dtype
+    y = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+    _sync_threads(lib)
+    lib.nitsum_gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         weight.shape[0], weight.shape[1], y.data_ptr())
+    return y

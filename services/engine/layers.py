@@ -8,6 +8,7 @@ tensors, each already sliced for this rank by the loader (see `sharding.py`).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import cpu_kernels
 from services.engine.config import ModelConfig
 
 
@@ -34,7 +36,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, gemv: ctypes.CDLL | None = None) -> torch.Tensor:
+    """`packed`: oneDNN's layout of `weight` (see `pack_weight`); `gemv`: the CPU kernels, for
+    one-row inputs (a batch-1 decode step), where they stream the weight faster than oneDNN."""
+    if gemv is not None and x.shape[0] == 1 and x.is_contiguous():
+        return cpu_kernels.gemv(gemv, x, weight, bias)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -66,6 +72,7 @@ class ColumnParallelLinear(nn.Module):
             nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
         self.packed: torch.Tensor | None = None
+        self.gemv: ctypes.CDLL | None = None
 
     def load_part(self, index: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
         start = sum(self.part_sizes[:index])
@@ -76,9 +83,10 @@ class ColumnParallelLinear(nn.Module):
     def finalize(self) -> None:
         """Called once the weights are loaded (and again whenever they change)."""
         self.packed = pack_weight(self.weight.data)
+        self.gemv = cpu_kernels.gemv_lib(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.bias)
+        return linear(x, self.weight, self.packed, self.bias, self.gemv)
 
 
 class RowParallelLinear(nn.Module):
@@ -92,12 +100,14 @@ class RowParallelLinear(nn.Module):
         )
         self.group = group
         self.packed: torch.Tensor | None = None
+        self.gemv: ctypes.CDLL | None = None
 
     def finalize(self) -> None:
         self.packed = pack_weight(self.weight.data)
+        self.gemv = cpu_kernels.gemv_lib(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.packed)
+        y = linear(x, self.weight, self.packed, gemv=self.gemv)
         if self.group is not None:
             self.group.all_reduce(y)
         return y

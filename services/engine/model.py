@@ -156,6 +156,7 @@ class CausalLM(nn.Module):
         if rank == 0 and not cfg.tie_word_embeddings:
             self.lm_head = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None
+        self.head_gemv: ctypes.CDLL | None = None
         self.finalized = False
         # The CPU kernels (None: the PyTorch path, e.g. on CUDA or in float16).
         self.kernels = cpu_kernels.get() if cpu_kernels.supports(device, dtype, cfg.head_dim) else None
@@ -167,14 +168,15 @@ class CausalLM(nn.Module):
             lin.finalize()
         if self.rank == 0:
             self.lm_head_packed = head_packed if head_packed is not None else pack_weight(self.head_weight)
+            self.head_gemv = cpu_kernels.gemv_lib(self.head_weight)
         self.finalized = True
 
     def drop_packed(self) -> None:
         """Free the kernels' weight layouts (a reshard needs only the plain weights; `finalize` makes
         them again). On CPU in bfloat16 that halves what a slot holds while it builds the next shard."""
         for lin in self._linears():
-            lin.packed = None
-        self.lm_head_packed = None
+            lin.packed, lin.gemv = None, None
+        self.lm_head_packed, self.head_gemv = None, None
         self.finalized = False
 
     def _linears(self) -> list[ColumnParallelLinear | RowParallelLinear]:
@@ -219,7 +221,7 @@ class CausalLM(nn.Module):
         return self._logits(x[meta.sample_rows])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.head_weight, self.lm_head_packed).float()
+        return linear(h, self.head_weight, self.lm_head_packed, gemv=self.head_gemv).float()
 
     def checkpoint_names(self) -> list[str]:
         return checkpoint_names(self.cfg, lm_head=self.lm_head is not None)

@@ -196,3 +196,25 @@ def test_silu_mul_equals_silu_then_mul(dtype: torch.dtype, rows: int) -> None:
     # last bits, which can move a product across a bfloat16 rounding boundary)
     torch.testing.assert_close(cpu_kernels.silu_mul(LIB, gate_up), F.silu(gate) * up, atol=TOL[dtype],
                                rtol=TOL[dtype])
+
+
+# (rows, cols): whole 16-row runs; a tail of 3 rows; a width that is 32 past a multiple of 64
+@pytest.mark.parametrize("shape", [(64, 128), (35, 96), (1000, 768)], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_one_row_products_equal_linear(shape: tuple[int, int], bias: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(*shape, generator=g).bfloat16()
+    b = torch.randn(shape[0], generator=g).bfloat16() if bias else None
+    lib = cpu_kernels.gemv_lib(weight)
+    if lib is None:
+        pytest.skip("this CPU has no AVX512-BF16: one-row products stay with oneDNN")
+    x = torch.randn(1, shape[1], generator=g).bfloat16()
+    expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    # float32 sums in another order, then one bfloat16 rounding (and the bias's, as F.linear's)
+    torch.testing.assert_close(cpu_kernels.gemv(lib, x, weight, b).float(), expected, atol=0.1, rtol=1 / 64)
+
+
+def test_one_row_products_need_a_bfloat16_weight_of_whole_32_columns() -> None:
+    assert cpu_kernels.gemv_lib(torch.zeros(16, 48, dtype=torch.bfloat16)) is None
+    assert cpu_kernels.gemv_lib(torch.zeros(16, 64, dtype=torch.float32)) is None
+    assert cpu_kernels.gemv_lib(torch.zeros(64, 16, dtype=torch.bfloat16).t()) is None  # not row-major

@@ -259,6 +259,39 @@ void decode_one_bf16(const uint16_t* q, int64_t q_sh, const uint16_t* kc, const 
     for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i) out[g * o_sh + i] = f32_to_bf16(acc[g * d + i]);
 }
+// y = x W^T (+ b) for one row x [K] and W [N, K] row-major (K % 32 == 0): a batch-1 decode
+// step's linear layers, which only stream W. Each thread reads its rows in order, two
+// accumulators a row, asking for the lines 32 rows ahead (prefetches past the end of W are
+// harmless: they never fault); 16 rows' sums are reduced together.
+void gemv_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t N, int64_t K, uint16_t* y) {
+    const int64_t blocks = (N + 15) / 16;
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t n0 = blk * 16;
+        const int rows = N - n0 < 16 ? static_cast<int>(N - n0) : 16;
+        const uint16_t* w0 = w + n0 * K;
+        __m512 acc[16];
+        for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+        for (int r = 0; r < rows; ++r) {
+            const uint16_t* wr = w0 + r * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(wr + k + 32 * K), _MM_HINT_T1);
+                _mm_prefetch(reinterpret_cast<const char*>(wr + k + 32 + 32 * K), _MM_HINT_T1);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(wr + k));
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + k + 32),
+                                      (__m512bh)_mm512_loadu_si512(wr + k + 32));
+            }
+            if (k < K) a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(wr + k));
+            acc[r] = _mm512_add_ps(a0, a1);
+        }
+        alignas(64) float sums[16];
+        _mm512_store_ps(sums, sum_lanes16(acc));
+        for (int r = 0; r < rows; ++r)
+            y[n0 + r] = f32_to_bf16(bias == nullptr ? sums[r] : sums[r] + bf16_to_f32(bias[n0 + r]));
+    }
+}
 #endif
 
 template <typename T>
@@ -422,6 +455,27 @@ void nitsum_silu_mul(int dtype, const void* gate_up, int64_t rows, int64_t inter
         silu_mul<uint16_t>(static_cast<const uint16_t*>(gate_up), rows, inter, static_cast<uint16_t*>(out));
     else
         silu_mul<float>(static_cast<const float*>(gate_up), rows, inter, static_cast<float*>(out));
+}
+
+// y [N] = x [K] . W [N, K]^T (+ bias [N]); bfloat16, K % 32 == 0. Returns 0 where this build has
+// no AVX512-BF16 (the caller then uses its own path).
+int nitsum_gemv_bf16(const void* x, const void* w, const void* bias, int64_t N, int64_t K, void* y) {
+#ifdef NITSUM_AVX512_BF16
+    gemv_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(bias),
+              N, K, static_cast<uint16_t*>(y));
+    return 1;
+#else
+    (void)x, (void)w, (void)bias, (void)N, (void)K, (void)y;
+    return 0;
+#endif
+}
+
+int nitsum_has_avx512_bf16() {
+#ifdef NITSUM_AVX512_BF16
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 }  // extern "C"
