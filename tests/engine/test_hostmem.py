@@ -42,11 +42,12 @@ def page_faults(keep: bool) -> list[int]:
 def test_kept_memory_is_reused_without_page_faults() -> None:
     pages = (64 << 20) // 4096
     plain = page_faults(keep=False)
-    assert min(plain) > pages // 2  # glibc hands 8 MiB blocks back to the kernel: every epoch faults them in
+    # Untouched memory faults as it is first written. (What glibc does with the freed blocks later
+    # varies: its mmap threshold grows as mmapped blocks are freed, so later epochs may reuse them.)
+    assert plain[0] > pages // 2
     kept = page_faults(keep=True)
     assert kept[0] < pages // 20  # the reserve was faulted in once, at start
     # Later epochs reuse what the first freed. Now and then a small allocation lands inside the
     # freed range and one epoch's last tensors go past it (seen: 2k-6k pages in one epoch of
-    # fifteen), so the bound is on the three together: under one epoch's worth of pages, where
-    # without the keeper each epoch alone faults more than half of them.
+    # fifteen), so the bound is on the three together: under one epoch's worth of pages.
     assert sum(kept[1:]) < pages, kept
