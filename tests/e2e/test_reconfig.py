@@ -97,9 +97,11 @@ def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_
     slot and resume on the new groups. Every stream ends with the unmigrated run's text."""
     assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,d1,p1,p1"})[0] == 200
     rng = random.Random(8)
-    # Long streams, so that they still run when the second switch comes even on a loaded machine;
-    # on these prompts the engine's greedy ids at TP 1 and TP 2 agree over all 470 tokens.
-    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 9, 17, 30, 5, 12, 21, 26)]
+    # Long streams; on these prompts the engine's greedy ids at TP 1 and TP 2 agree over all 470
+    # tokens. The last four start just before the third switch, so that some stream is surely
+    # still decoding when it comes (the first eight may have finished by then on a fast machine).
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 9, 17, 30, 5, 12, 21, 26, 4, 11, 19, 28)]
+    first, late = range(8), range(8, 12)
     n = 470
 
     async def drive() -> tuple[list[str], dict[str, Any]]:
@@ -115,12 +117,14 @@ def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_
                 started[i].set()
             return "".join(parts)
 
-        tasks = [asyncio.create_task(stream(i)) for i in range(len(prompts))]
-        await asyncio.gather(*(e.wait() for e in started))  # all decoding on d1, the only decode group
+        tasks = [asyncio.create_task(stream(i)) for i in first]
+        await asyncio.gather(*(started[i].wait() for i in first))  # all decoding on d1, the only decode group
         status, report = await asyncio.to_thread(admin, mesh, "POST", "/admin/plan", {"plan": "p1,d1,d2"})
         assert status == 200 and report["groups"][0]["kept"], report  # d1 serves on throughout
         status, report = await asyncio.to_thread(admin, mesh, "POST", "/admin/plan", {"plan": "p1,p1,d2"})
         assert status == 200, report
+        tasks += [asyncio.create_task(stream(i)) for i in late]
+        await asyncio.gather(*(started[i].wait() for i in late))  # decoding on d2, the only decode group
         # d2 goes too, and no decode group stays: its streams wait in their slot for the new ones.
         status, parked = await asyncio.to_thread(admin, mesh, "POST", "/admin/plan", {"plan": "p2,d1,d1"})
         assert status == 200, parked
