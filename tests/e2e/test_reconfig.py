@@ -94,12 +94,14 @@ def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_
     """With d1 on slot 1 the only decode group, long streams all run there; then d2 joins, and
     d1 is re-cut into a prefill group: its streams move with their KV to d2 mid-generation. Then
     d2 is cut into two TP-1 groups: with no decode group staying, the streams are parked in their
-    slot and resume on the new groups. Every stream ends with the unmigrated run's text."""
-    assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,d1,p1,p1"})[0] == 200
+    slot and resume on the new groups. Every stream ends with the unmigrated run's text.
+
+    The migration needs streams still on d1 when the second switch comes, a race between their
+    470 tokens (about a second here) and the first switch (about a third of one): on a loaded
+    machine the streams can win, and the scenario runs again, three times at most. The parking
+    switch does not race: four fresh streams start right before it."""
     rng = random.Random(8)
-    # Long streams; on these prompts the engine's greedy ids at TP 1 and TP 2 agree over all 470
-    # tokens. The last four start just before the third switch, so that some stream is surely
-    # still decoding when it comes (the first eight may have finished by then on a fast machine).
+    # On these prompts the engine's greedy ids at TP 1 and TP 2 agree over all 470 tokens.
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (3, 9, 17, 30, 5, 12, 21, 26, 4, 11, 19, 28)]
     first, late = range(8), range(8, 12)
     n = 470
@@ -134,19 +136,23 @@ def test_running_requests_migrate_to_a_decode_group_that_stays(mesh: Mesh, tiny_
         assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,p1,d2"})[0] == 200
         return list(texts), report
 
-    texts, report = asyncio.run(drive())
     # The reference is an unmigrated run: the engine alone (checked against transformers in
     # tests/engine; over hundreds of tokens the two meet a near-tie on some of these prompts).
     from services.engine import EngineArgs, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineArgs(model=str(tiny_model_dir)))
-    want = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    assert texts == [engine.tokenizer.decode(ids) for ids in want]
+    want = [engine.tokenizer.decode(ids)
+            for ids in engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))]
+    for _ in range(3):
+        assert admin(mesh, "POST", "/admin/plan", {"plan": "p1,d1,p1,p1"})[0] == 200
+        texts, report = asyncio.run(drive())
+        assert texts == want
+        if report["migrated"]:
+            break  # some stream still had more than its last few tokens to go on d1 at the second switch
     d1 = [g for g in report["groups"] if g["role"] == "decode" and g["kept"]]
     assert d1 and d1[0]["slots"] == [2, 3]
     assert report["parked"] == 0
-    assert report["migrated"] + report["finished_in_place"] >= 1
-    assert report["migrated"] >= 1, report
+    assert report["migrated"] >= 1, ("every stream ended, or nearly, before d1 was re-cut", report)
 
 
 def test_admin_api_refuses_bad_plans_and_keys(mesh: Mesh) -> None:
