@@ -4,9 +4,10 @@
 // second. OpenMP resolves to the libgomp that torch has already loaded, so both share one thread
 // pool, and the wrappers pass torch's thread count (nitsum_set_threads).
 //
-// dtype codes: 0 = float32, 1 = bfloat16. Every kernel computes in float32. Residual add + norm
-// and rotary + KV write round where the reference (transformers' eager Llama) rounds, so their
-// bfloat16 results equal it; attention sums in float32 as SDPA does, with a polynomial exp.
+// dtype codes: 0 = float32, 1 = bfloat16. Every kernel computes in float32. Residual add + norm,
+// rotary + KV write and SiLU * up round where the reference (transformers' eager Llama) rounds;
+// sums run in their own order (so a result can differ from the reference's by one rounding step),
+// and softmax and SiLU use a polynomial exp.
 // Head sizes up to kMaxHeadDim (cpu_kernels.MAX_HEAD_DIM checks it before any call).
 
 #include <omp.h>
