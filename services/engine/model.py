@@ -56,6 +56,7 @@ class Attention(nn.Module):
             k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
             v = qkv[:, (h + kvh) * d : (h + 2 * kvh) * d].view(t, kvh, d)
         else:
+            assert rope.cos_sin is not None
             q, k, v = qkv.split(self.qkv.part_sizes, dim=-1)
             q, k = apply_rotary(rope.cos_sin, q.view(t, h, d), k.view(t, kvh, d))
             v = v.view(t, kvh, d)
@@ -92,12 +93,13 @@ class Attention(nn.Module):
 
 @dataclass
 class Rope:
-    """What a layer needs for rotary embeddings in one step: with the CPU kernels, the whole
-    cos/sin tables (the kernel looks positions up); without, this step's cos/sin per token."""
+    """What a layer needs for rotary embeddings in one step: with the CPU kernels, the model's
+    cos/sin tables (`rotary`; the kernel looks positions up); without, this step's cos/sin per
+    token (`cos_sin`)."""
 
     rotary: Rotary
     kernels: ctypes.CDLL | None
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,10 @@ class CausalLM(nn.Module):
         self.finalized = False
         # The CPU kernels (None: the PyTorch path, e.g. on CUDA or in float16).
         self.kernels = cpu_kernels.get() if cpu_kernels.supports(device, dtype, cfg.head_dim) else None
+        # Every norm's weight in the order a forward applies them (the fused path indexes it).
+        self.norm_weights = [w for layer in self.decoder_layers
+                             for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        self.norm_weights.append(self.norm.weight)
 
     def finalize(self, head_packed: torch.Tensor | None = None) -> None:
         """Prepare kernels' weight layouts once every weight is loaded; `head_packed`: the output
@@ -207,9 +213,8 @@ class CausalLM(nn.Module):
         in place in `residual`, and every norm writes into one buffer `x`."""
         residual = self.embed_tokens(meta.input_ids)
         x = torch.empty_like(residual)
-        rope = Rope(self.rotary, lib, (self.rotary.cos, self.rotary.sin))
-        norms = [w for layer in self.decoder_layers
-                 for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)] + [self.norm.weight]
+        rope = Rope(self.rotary, lib)
+        norms = self.norm_weights
         eps = self.cfg.rms_norm_eps
         cpu_kernels.add_rms_norm(lib, residual, None, norms[0], eps, x)
         for i, layer in enumerate(self.decoder_layers):

@@ -69,6 +69,12 @@ inline float exp_approx(float x) {
     return p * __builtin_bit_cast(float, bits);
 }
 
+// Token t's row of a sequence whose blocks are `table`.
+template <typename T>
+inline const T* row_at(const T* cache, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t t, int bs) {
+    return cache + table[t / bs] * c_sb + (t % bs) * c_st;
+}
+
 // Calls fn(t, row) for the first len tokens of a sequence, each row in its block of the cache.
 template <typename T, typename Fn>
 inline void for_each_token(const T* cache, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t len, int bs,
@@ -98,6 +104,26 @@ inline void softmax_rows(float* sc, int G, int64_t len) {
     }
 }
 
+// acc[g] = sum_t p[g, t] v_t for `heads` heads (p rows of stride len), any head size: each value
+// row converted to float32 once for all heads, the sums kept in memory.
+template <typename T>
+int values_generic(int heads, const T* vc, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t len, int bs,
+                   int d, const float* p, float* acc) {
+    float row[kMaxHeadDim];
+    std::memset(acc, 0, sizeof(float) * heads * d);
+    for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* vr) {
+#pragma omp simd
+        for (int i = 0; i < d; ++i) row[i] = Elem<T>::load(vr[i]);
+        for (int g = 0; g < heads; ++g) {
+            const float w = p[g * len + t];
+            float* a = acc + g * d;
+#pragma omp simd
+            for (int i = 0; i < d; ++i) a[i] += w * row[i];
+        }
+    });
+    return heads;
+}
+
 // Decode attention of one sequence and one KV head over its blocks: the G query heads that
 // share the KV head. Two passes over the keys' scores (max, then exp and sum), one over values.
 template <typename T>
@@ -106,7 +132,7 @@ void decode_one(const T* q, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb
                 float* qf, float* sc, float* acc) {
     for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i) qf[g * d + i] = Elem<T>::load(q[g * q_sh + i]) * scale;
-    float row[kMaxHeadDim];  // one key or value row in float32, converted once for all G heads
+    float row[kMaxHeadDim];  // one key row in float32, converted once for all G heads
     for_each_token(kc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* kr) {
 #pragma omp simd
         for (int i = 0; i < d; ++i) row[i] = Elem<T>::load(kr[i]);
@@ -119,17 +145,7 @@ void decode_one(const T* q, int64_t q_sh, const T* kc, const T* vc, int64_t c_sb
         }
     });
     softmax_rows(sc, G, len);
-    std::memset(acc, 0, sizeof(float) * G * d);
-    for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const T* vr) {
-#pragma omp simd
-        for (int i = 0; i < d; ++i) row[i] = Elem<T>::load(vr[i]);
-        for (int g = 0; g < G; ++g) {
-            const float p = sc[g * len + t];
-            float* a = acc + g * d;
-#pragma omp simd
-            for (int i = 0; i < d; ++i) a[i] += p * row[i];
-        }
-    });
+    values_generic(G, vc, c_sb, c_st, table, len, bs, d, sc, acc);
     for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i) out[g * o_sh + i] = Elem<T>::store(acc[g * d + i]);
 }
@@ -193,28 +209,12 @@ int values_in_registers(int heads, const uint16_t* vc, int64_t c_sb, int64_t c_s
     return gc;
 }
 
-// The same for any head size (a multiple of 16), accumulating in memory; all heads at once.
-inline int values_in_memory(int heads, const uint16_t* vc, int64_t c_sb, int64_t c_st, const int64_t* table,
-                            int64_t len, int bs, int d, const float* p, float* acc) {
-    std::memset(acc, 0, sizeof(float) * heads * d);
-    for_each_token(vc, c_sb, c_st, table, len, bs, [&](int64_t t, const uint16_t* vr) {
-        for (int j = 0; j < d; j += 16) {
-            const __m512 v = load_bf16x16(vr + j);
-            for (int g = 0; g < heads; ++g) {
-                float* a = acc + g * d + j;
-                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * len + t]), v, _mm512_loadu_ps(a)));
-            }
-        }
-    });
-    return heads;
-}
-
 // Keys and values sit in blocks of a few KiB scattered over the cache, where the hardware
 // prefetcher barely helps: the kernel asks for rows [t0, t1) of a sequence ahead of their use.
 inline void prefetch_rows(const uint16_t* cache, int64_t c_sb, int64_t c_st, const int64_t* table, int64_t t0,
                           int64_t t1, int64_t len, int bs, int d) {
     for (int64_t t = t0; t < t1 && t < len; ++t) {
-        const uint16_t* row = cache + table[t / bs] * c_sb + (t % bs) * c_st;
+        const uint16_t* row = row_at(cache, c_sb, c_st, table, t, bs);
         for (int j = 0; j < d; j += 32) _mm_prefetch(reinterpret_cast<const char*>(row + j), _MM_HINT_T0);
     }
 }
@@ -234,7 +234,7 @@ void decode_one_bf16(const uint16_t* q, int64_t q_sh, const uint16_t* kc, const 
         const int n = len - t0 < 16 ? static_cast<int>(len - t0) : 16;
         prefetch_rows(kc, c_sb, c_st, table, t0 + kAhead, t0 + kAhead + 16, len, bs, d);
         prefetch_rows(vc, c_sb, c_st, table, t0, t0 + 16, len, bs, d);
-        for (int i = 0; i < n; ++i) rows[i] = kc + table[(t0 + i) / bs] * c_sb + ((t0 + i) % bs) * c_st;
+        for (int i = 0; i < n; ++i) rows[i] = row_at(kc, c_sb, c_st, table, t0 + i, bs);
         for (int g = 0; g < G; ++g) {
             const uint16_t* qg = q + g * q_sh;
             for (int i = 0; i < 16; ++i) part[i] = _mm512_setzero_ps();
@@ -255,7 +255,7 @@ void decode_one_bf16(const uint16_t* q, int64_t q_sh, const uint16_t* kc, const 
         else if (d == 128)
             g0 += values_in_registers<8, 2>(G - g0, vc, c_sb, c_st, table, len, bs, p, a);
         else
-            g0 += values_in_memory(G - g0, vc, c_sb, c_st, table, len, bs, d, p, a);
+            g0 += values_generic(G - g0, vc, c_sb, c_st, table, len, bs, d, p, a);
     }
     for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i) out[g * o_sh + i] = f32_to_bf16(acc[g * d + i]);
