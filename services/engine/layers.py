@@ -30,9 +30,25 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     `F.linear` in bf16 on CPU runs well below memory bandwidth for decode-sized inputs; the
     prepacked kernel is about 1.8x faster at batch 1. fp32 keeps `F.linear` (MKL), whose
     numerics the reference tests compare against."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _onednn_packs_bf16():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+_PACKS_BF16: bool | None = None
+
+
+def _onednn_packs_bf16() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT; on an AVX2-only CPU (AMD Zen 3, say) it refuses, and `F.linear` stays."""
+    global _PACKS_BF16
+    if _PACKS_BF16 is None:
+        try:
+            _PACKS_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._reorder_linear_weight(
+                torch.zeros(16, 16, dtype=torch.bfloat16), 1) is not None
+        except RuntimeError:
+            _PACKS_BF16 = False
+    return _PACKS_BF16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
