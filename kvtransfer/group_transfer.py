@@ -137,16 +137,6 @@ def open_agents(engine: LLMEngine, kind: str, name: str) -> list[bytes]:
     return metadata
 
 
-def sampler_state(engine: LLMEngine, request_id: str) -> bytes:
-    """The request's sampler state as bytes (empty when it samples greedily), for `finish_receive`."""
-    generator = engine.seqs[request_id].generator
-    return b"" if generator is None else bytes(generator.get_state().numpy().tobytes())
-
-
-def sampler_state_tensor(data: bytes) -> torch.Tensor | None:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
-
-
 @dataclass(frozen=True)
 class BlockTarget:
     """Where a request's KV goes: the destination group's TP degree, ranks' metadata, block ids."""

@@ -28,14 +28,13 @@ log = logging.getLogger(__name__)
 
 def kv_to_bytes(kv: KVExport) -> bytes:
     buf = io.BytesIO()
-    torch.save({"num_tokens": kv.num_tokens, "k": kv.k.contiguous(), "v": kv.v.contiguous(),
-                "rng_state": kv.rng_state}, buf)
+    torch.save({"num_tokens": kv.num_tokens, "k": kv.k.contiguous(), "v": kv.v.contiguous()}, buf)
     return buf.getvalue()
 
 
 def kv_from_bytes(data: bytes) -> KVExport:
     doc = torch.load(io.BytesIO(data), weights_only=True)
-    return KVExport(int(doc["num_tokens"]), doc["k"], doc["v"], doc["rng_state"])
+    return KVExport(int(doc["num_tokens"]), doc["k"], doc["v"])
 
 
 def _error(kind: int, message: str) -> pb.Error:

@@ -62,7 +62,7 @@ def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Call
         seq = src.detach(request_id)
         last = src.export_kv(request_id, copied)
         channel(request_id, copied, last)
-        dst.finish_receive(request_id, seq.token_ids[seq.prompt_len :], seq.num_computed, last.rng_state)
+        dst.finish_receive(request_id, seq.token_ids[seq.prompt_len :], seq.num_computed)
         pause = time.perf_counter() - start
     except Exception:
         dst.abort(request_id)

@@ -41,6 +41,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
     logprobs: list[float] | None = None
+    index: int = 0  # position of new_token_ids[0] among the request's generated tokens
 
 
 @dataclass
@@ -50,7 +51,6 @@ class KVExport:
     num_tokens: int
     k: torch.Tensor
     v: torch.Tensor
-    rng_state: torch.Tensor | None = None  # the request's sampler state, when it samples
 
 
 def attach_group(runner: ModelRunner, group: TPGroup | None) -> None:
@@ -123,16 +123,22 @@ class LLMEngine:
             )
         self.scheduler.check_fits(total)
 
-    def _generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return torch.Generator().manual_seed(seed)
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        """A request that samples gets a seed here if it has none: its draws depend on nothing else
+        (sampling.py), so it can move to another group and draw the same tokens there."""
+        if params.greedy or params.seed is not None:
+            return params
+        return replace(params, seed=self._rng.getrandbits(63))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False) -> None:
+                    prefill_only: bool = False, output_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue a request. `output_ids`: tokens it already generated elsewhere (a request resumed
+        after its group died): they are computed again with the prompt, and generation goes on
+        from there with `params.max_tokens` counting them."""
         self._check_request(request_id, prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, self._generator(params), prefill_only)
+        if len(output_ids) >= params.max_tokens:
+            raise BadRequestError(f"request {request_id!r} already has its {params.max_tokens} tokens")
+        seq = Sequence(request_id, [*prompt_ids, *output_ids], len(prompt_ids), self._seeded(params), prefill_only)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -177,7 +183,7 @@ class LLMEngine:
         if not sampled:
             return []
         assert logits is not None
-        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.num_output for s in sampled])
         return [self._append(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
@@ -192,7 +198,7 @@ class LLMEngine:
                 self.scheduler.free(seq)
                 del self.seqs[seq.request_id]
         return RequestOutput(seq.request_id, [token], reason is not None, reason,
-                             None if logprob is None else [logprob])
+                             None if logprob is None else [logprob], seq.num_output - 1)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -224,8 +230,7 @@ class LLMEngine:
         if self.group is not None:
             self.group.broadcast_object(ReadKV(slots))
             local = self.runner.assemble_heads(self.group.all_gather(local))
-        rng = seq.generator.get_state() if seq.generator is not None else None
-        return KVExport(len(slots), local[:, 0], local[:, 1], rng)
+        return KVExport(len(slots), local[:, 0], local[:, 1])
 
     def computed_tokens(self, request_id: str) -> int:
         return self.seqs[request_id].num_computed
@@ -260,7 +265,7 @@ class LLMEngine:
     def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a request whose KV will arrive in pieces (`receive_kv`), then `finish_receive`."""
         self._check_request(request_id, prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, self._generator(params))
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), self._seeded(params))
         seq.status = SeqStatus.RECEIVING
         self.seqs[request_id] = seq
 
@@ -278,8 +283,7 @@ class LLMEngine:
             self.group.broadcast(full.to(self.runner.dtype).contiguous())
         self.runner.write_kv(slots, full)
 
-    def finish_receive(self, request_id: str, output_ids: list[int], num_computed: int,
-                       rng_state: torch.Tensor | None = None) -> None:
+    def finish_receive(self, request_id: str, output_ids: list[int], num_computed: int) -> None:
         """All KV has landed: the request joins the running batch and decodes from here."""
         seq = self.seqs[request_id]
         seq.token_ids = seq.token_ids[: seq.prompt_len] + list(output_ids)
@@ -287,8 +291,6 @@ class LLMEngine:
             raise EngineError(f"KV for {num_computed} tokens does not match {len(seq.token_ids)} tokens so far")
         if not self.scheduler.grow(seq, num_computed + 1):
             raise EngineError("no free KV blocks to receive this request now")
-        if seq.generator is not None and rng_state is not None:
-            seq.generator.set_state(rng_state)
         seq.num_computed, seq.status = num_computed, SeqStatus.RUNNING
         self.scheduler.running.append(seq)
 
@@ -298,7 +300,7 @@ class LLMEngine:
         self.begin_receive(request_id, prompt_ids, params)
         try:
             self.receive_kv(request_id, 0, kv)
-            self.finish_receive(request_id, output_ids, kv.num_tokens, kv.rng_state)
+            self.finish_receive(request_id, output_ids, kv.num_tokens)
         except Exception:
             self.abort(request_id)
             raise

@@ -1,16 +1,26 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds.
 
-Each request that samples owns a `torch.Generator`, so its draws do not depend on what else is in
-the batch, and its state can travel with the request (migration, prefill-to-decode hand-off).
+Token i of a request that samples is drawn from a generator seeded by (its seed, i), so its draws
+do not depend on what else is in the batch, and nothing but the seed and the tokens so far has to
+travel with the request: a request handed off, migrated, or resumed from its tokens on another
+group after its group died draws exactly what it would have drawn where it was.
+
+The sampler never fails on a finite input: a temperature under `MIN_TEMPERATURE` is greedy (as in
+vLLM), and a row whose probabilities are not finite (logits that overflowed) falls back to argmax.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from services.engine.errors import BadRequestError
+
+# Below this, dividing logits by the temperature can overflow float32: such requests are greedy.
+MIN_TEMPERATURE = 1e-5
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise BadRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise BadRequestError("temperature and top_p must be finite numbers")
         if not 0.0 <= self.temperature <= 100.0:
             raise BadRequestError(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
@@ -36,16 +48,28 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The generator seed for token `index` of a request seeded `seed` (splitmix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits: torch takes it as a non-negative int64
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float | None]]:
-    """One token per row of `logits` [B, vocab] (float32); logprobs under the unmodified model."""
+           indices: list[int]) -> tuple[list[int], list[float | None]]:
+    """One token per row of `logits` [B, vocab] (float32); row r is token `indices[r]` of its request
+    (0 for the first generated token). Logprobs are under the unmodified model."""
     tokens = logits.argmax(dim=-1).tolist()
+    generator: torch.Generator | None = None
     for i, p in enumerate(params):
         if not p.greedy:
-            tokens[i] = _draw(logits[i], p, generators[i])
+            generator = generator or torch.Generator()
+            generator.manual_seed(draw_seed(p.seed or 0, indices[i]))
+            tokens[i] = _draw(logits[i], p, generator, tokens[i])
     logprobs: list[float | None] = [None] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs]
     if wanted:
@@ -55,8 +79,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     return tokens, logprobs
 
 
-def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    scaled = row / p.temperature
+def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator, argmax: int) -> int:
+    scaled = row.float() / p.temperature
     if p.top_k and p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -68,4 +92,6 @@ def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> 
         scaled = scaled.clone()
         scaled[order[drop]] = float("-inf")
     probs = torch.softmax(scaled, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        return argmax  # logits that overflowed: the most likely token, never a crash
     return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -13,8 +13,6 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from services.engine.batch import SeqChunk, StepBatch
 from services.engine.errors import BadRequestError
 from services.engine.sampling import SamplingParams
@@ -33,8 +31,7 @@ class Sequence:
     request_id: str
     token_ids: list[int]
     prompt_len: int
-    params: SamplingParams
-    generator: torch.Generator | None
+    params: SamplingParams  # its seed is set when it samples (LLMEngine._seeded)
     prefill_only: bool = False
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache

@@ -70,3 +70,18 @@ def test_mistral_sharded_llama3_rope_matches_transformers(llama3_rope_dir, refer
     long_prompt = [[1] + list(range(10, 130))]  # past original_max_position_embeddings
     prompts = PROMPTS + long_prompt
     assert engine.generate(prompts, GREEDY) == reference(llama3_rope_dir, prompts, NEW_TOKENS)
+
+
+def test_a_request_resumed_from_its_tokens_goes_on_as_if_never_stopped(llama_engine) -> None:
+    """What the router does when a request's group dies: the request runs again from its prompt plus
+    the tokens its client has; greedy and seeded sampling both continue with the same tokens."""
+    for params in (GREEDY, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)):
+        whole = llama_engine.generate([PROMPTS[1]], params)[0]
+        for cut in (1, 17):
+            llama_engine.add_request(f"resumed-{cut}", PROMPTS[1], params, output_ids=whole[:cut])
+            rest: list[int] = []
+            while llama_engine.has_unfinished():
+                for o in llama_engine.step():
+                    assert o.index == cut + len(rest)
+                    rest.extend(o.new_token_ids)
+            assert whole[:cut] + rest == whole
