@@ -14,6 +14,8 @@ any (or no) key, and maps `service_tier` as OpenAI's names suggest.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import tomllib
 from pathlib import Path
@@ -80,6 +82,19 @@ class TierPolicy(_Frozen):
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tiers)
 
+    def grant_for(self, key: str) -> ApiKeyPolicy | None:
+        """What API key `key` may do, or None for a key not configured here.
+
+        Every configured key is compared, each in constant time on digests of equal length, with no
+        early exit: how long this takes says nothing about how close a guessed key came to one.
+        """
+        probe = hashlib.sha256(key.encode()).digest()
+        found: ApiKeyPolicy | None = None
+        for known, grant in self.api_keys.items():
+            if hmac.compare_digest(probe, hashlib.sha256(known.encode()).digest()):
+                found = grant
+        return found
+
     def tier(self, name: str) -> Tier:
         for t in self.tiers:
             if t.name == name:
@@ -121,6 +136,15 @@ class GatewayConfig(_Frozen):
     first_event_timeout_s: float = Field(default=120.0, gt=0)
     readiness_cache_s: float = Field(default=0.25, ge=0)
     retry_after_s: int = Field(default=1, ge=1)
+    # A role (prefill, decode, router) that served within this long is waited for, not answered
+    # 503: a slot being restarted or re-cut, a standby router taking over.
+    role_grace_s: float = Field(default=15.0, ge=0)
+    # A waiting request fails (503) once no router has led for this long, or Redis has been
+    # unreachable this long, instead of waiting for its timeout.
+    router_grace_s: float = Field(default=10.0, gt=0)
+    # Largest request body accepted (413 above it): bounds what one request can make the gateway
+    # parse and tokenize. 4 MiB holds a prompt far longer than any context served.
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
 
     @property
     def served_model_name(self) -> str:
@@ -137,6 +161,9 @@ class RouterConfig(_Frozen):
     leader_ttl_ms: int = Field(default=3000, ge=100)
     rpc_timeout_s: float = Field(default=120.0, gt=0)
     group_refresh_s: float = Field(default=0.1, gt=0)
+    # Requests a prefill group may hold (prefilling or handing off) before the rest wait in the
+    # router's tier-ordered queue: what a late interactive request can find ahead of it there.
+    prefill_window: int = Field(default=8, ge=1)
 
 
 class NodeConfig(_Frozen):

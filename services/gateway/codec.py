@@ -8,6 +8,7 @@ from typing import Protocol
 
 class TextCodec(Protocol):
     eos_token_ids: set[int]
+    vocab_size: int  # prompt token ids must be below it
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 

@@ -40,6 +40,22 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, "invalid_request_error", param, code)
 
 
+def unsupported(param: str, message: str) -> ApiError:
+    """A parameter OpenAI defines that this server cannot honour: refused, never silently ignored."""
+    return ApiError(400, message, "invalid_request_error", param, "unsupported_parameter")
+
+
+def too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the {limit_bytes} bytes this server accepts; "
+                    "send a shorter prompt", "invalid_request_error", None, "request_too_large")
+
+
+def client_closed() -> ApiError:
+    """The client went away before sending its whole body: nobody reads this answer (nginx's 499)."""
+    return ApiError(499, "the client closed the connection before sending the whole request body",
+                    "invalid_request_error", None, "client_closed_request")
+
+
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, "invalid_request_error", None, "invalid_api_key")
 
@@ -67,3 +83,10 @@ def timeout(message: str) -> ApiError:
 def internal(request_id: str) -> ApiError:
     return ApiError(500, f"internal error while serving request {request_id}; it has been logged",
                     "server_error", None, "internal_error")
+
+
+def outcome_of(status: int) -> str:
+    """The `outcome` label of nitsum_requests_total for an answer with this HTTP status."""
+    if status >= 500:
+        return "unavailable" if status == 503 else "error"
+    return {401: "unauthorized", 403: "forbidden", 429: "shed", 499: "cancelled"}.get(status, "bad_request")
