@@ -24,7 +24,7 @@ from services.config import NodeConfig
 from services.engine import BadRequestError, EngineError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
-from services.rpc import pb, pb_grpc
+from services.rpc import engine_id, pb, pb_grpc, request_of
 
 log = logging.getLogger("nitsum.decode")
 
@@ -41,6 +41,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         super().__init__(config, metrics)
         self.receiver = GrpcKVReceiver(self._admit)
         self.admitting = True  # False once a reconfiguration drains this group
+        # Both keyed by the engine's id of a request's attempt (services.rpc.engine_id).
         self._active: set[str] = set()
         self._requests: dict[str, pb.QueuedRequest] = {}
         self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]] | asyncio.Future[None]] = asyncio.Queue()
@@ -72,34 +73,44 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
                          retry_after_s=0.5)
         if await self.cluster.is_cancelled(q.request_id):
             return error(pb.CANCELLED, "cancelled before decode")
-        self._active.add(q.request_id)  # before the engine can emit its first decode step
-        self._requests[q.request_id] = q
+        eid = engine_id(q)
+        self._active.add(eid)  # before the engine can emit its first decode step
+        self._requests[eid] = q
         try:
-            await self.loop.call(self.engine.add_prefilled, q.request_id, list(q.prompt_ids), list(handoff.output_ids),
+            await self.loop.call(self.engine.add_prefilled, eid, list(q.prompt_ids), list(handoff.output_ids),
                                  handoff.kv, sampling_of(q.sampling))
         except BadRequestError as e:
-            self._forget(q.request_id)
+            self._forget(eid)
             return error(pb.BAD_REQUEST, str(e))
         except EngineError as e:
-            self._forget(q.request_id)
+            self._forget(eid)
             return error(pb.OVERLOADED, f"decode group {self.config.group_id}: {e}", retry_after_s=1.0)
-        # A cancel published while the KV was in flight was missed by the live feed: check again.
+        await self._joined(q)
+        return None
+
+    async def _joined(self, q: pb.QueuedRequest) -> None:
+        """A request joined the batch: drop an older attempt of it still running here (its group was
+        only slow; the gateway ignores it), and check for a cancel published while its KV moved
+        (the live feed missed it)."""
+        older = [e for e, r in self._requests.items() if r.request_id == q.request_id and r.attempt < q.attempt]
+        for eid in older:
+            await self._abort(eid)
         if await self.cluster.is_cancelled(q.request_id):
             await self.on_cancel(q.request_id)
-        return None
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.time()
         batch = []
         for out in outputs:
-            if out.request_id not in self._active:
+            q = self._requests.get(out.request_id)
+            if out.request_id not in self._active or q is None:
                 continue
             if out.finished:
                 self._forget(out.request_id)
-            # next_group names this group on every event: after a migration the gateway follows
-            # the group that now produces the request's tokens.
-            batch.append((out.request_id, pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
-                                                        time_s=now, next_group=self.config.group_id)))
+            # next_group names this group on every event: it holds the request (router/recovery.py).
+            batch.append((q.request_id, pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+                                                        time_s=now, next_group=self.config.group_id, index=out.index,
+                                                        attempt=q.attempt)))
         if batch:
             self._outbox.put_nowait(batch)
 
@@ -121,14 +132,23 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
                 if self._outbox.empty():
                     break
                 item = self._outbox.get_nowait()
-            try:
-                if batch:
-                    await self.cluster.emit_many(batch)
-            except Exception:
-                log.exception("could not write %d token events", len(batch))
+            await self._emit_until_written(batch)
             for f in flushed:
                 if not f.done():
                     f.set_result(None)
+
+    async def _emit_until_written(self, batch: list[tuple[str, pb.TokenEvent]]) -> None:
+        """Tokens are never dropped: while Redis is away (restarting) the writer waits and retries,
+        in order, and the engine keeps stepping into the outbox meanwhile."""
+        delay = 0.1
+        while batch:
+            try:
+                await self.cluster.emit_many(batch)
+                return
+            except Exception:
+                log.exception("could not write %d token events; retrying in %.1fs", len(batch), delay)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     async def flush_events(self) -> None:
         """Return once every event of the steps run so far is in Redis."""
@@ -190,19 +210,22 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
                 log.info("migrated %s to %s (%d tokens of KV)", handoff.request.request_id, group_id,
                          handoff.kv.num_tokens)
                 await self.cluster.emit(handoff.request.request_id,
-                                        pb.TokenEvent(time_s=time.time(), next_group=group_id))
+                                        pb.TokenEvent(time_s=time.time(), next_group=group_id,
+                                                      attempt=handoff.request.attempt))
                 return True
         return False
 
     async def on_cancel(self, request_id: str) -> None:
-        if request_id not in self._active:
-            return
+        for eid in [e for e in self._active if request_of(e) == request_id]:
+            await self._abort(eid)
+            self.metrics.aborted.inc()
+            self.aborted += 1
+            log.info("aborted %s (client gone); its KV blocks are free", eid)
+
+    async def _abort(self, eid: str) -> None:
         assert self.loop is not None and self.engine is not None
-        self._forget(request_id)
-        await self.loop.call(self.engine.abort, request_id)
-        self.metrics.aborted.inc()
-        self.aborted += 1
-        log.info("aborted %s (client gone); its KV blocks are free", request_id)
+        self._forget(eid)
+        await self.loop.call(self.engine.abort, eid)
 
     # ---- the block path (kvtransfer/block_handoff.py) -------------------------------------------
     async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVReply:  # noqa: N802
@@ -232,8 +255,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         if err is not None:
             self._forget(rid)
             return pb.CommitKVReply(error=err)
-        if await self.cluster.is_cancelled(rid):  # cancelled while the KV was in flight
-            await self.on_cancel(rid)
+        await self._joined(q)
         return pb.CommitKVReply()
 
     async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVReply:  # noqa: N802
@@ -243,6 +265,6 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         return self.health()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortReply:  # noqa: N802
-        found = request.request_id in self._active
+        found = any(request_of(e) == request.request_id for e in self._active)
         await self.on_cancel(request.request_id)
         return pb.AbortReply(found=found)

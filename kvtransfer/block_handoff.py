@@ -32,15 +32,13 @@ import grpc
 from services.engine import BadRequestError, EngineError, LLMEngine, SamplingParams
 from services.metrics import NodeMetrics
 from services.node.engine_loop import EngineLoop
-from services.rpc import pb, pb_grpc
+from services.rpc import engine_id, pb, pb_grpc
 from services.tasks import TaskSet
 
 from .group_transfer import (
     BlockTarget,
     receive_blocks,
     reserve_blocks,
-    sampler_state,
-    sampler_state_tensor,
     send_blocks,
 )
 from .handoff import DecodeTarget
@@ -78,7 +76,7 @@ class BlockSender:
     async def attempt(self, q: pb.QueuedRequest, output_ids: list[int], epoch: int,
                       target: DecodeTarget) -> pb.Error | None:
         """Hand the request's KV to `target`; None once it runs there, else why not (released)."""
-        rid = q.request_id
+        rid = engine_id(q)
         self._attempts += 1
         tid = f"{rid}@{target.group_id}#{self._attempts}"
         stub = self._stub(target.address)
@@ -113,10 +111,9 @@ class BlockSender:
             log.warning("KV blocks of %s could not be sent: %s", rid, e)
         if not sent:
             return _error(pb.UNAVAILABLE, f"KV blocks of {rid} did not reach every rank of {target.group_id}")
-        rng = await self.loop.call(sampler_state, self.engine, rid)
         try:
-            ack = await stub.CommitKV(pb.CommitKVRequest(request_id=rid, transfer_id=tid, output_ids=output_ids,
-                                                         rng_state=rng), timeout=self.timeout_s)
+            ack = await stub.CommitKV(pb.CommitKVRequest(request_id=rid, transfer_id=tid, output_ids=output_ids),
+                                      timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
             return _error(pb.UNAVAILABLE, f"KV commit on {target.group_id} failed: {e.code().name}: {e.details()}")
         return ack.error if ack.error.kind != pb.ERROR_KIND_UNSPECIFIED else None
@@ -148,11 +145,12 @@ class BlockReceiver:
         self._reserved: dict[str, Reservation] = {}
 
     def reserved(self, request_id: str) -> pb.QueuedRequest | None:
+        """The request reserved under this engine id (`services.rpc.engine_id`)."""
         res = self._reserved.get(request_id)
         return None if res is None else res.request
 
     async def reserve(self, req: pb.ReserveKVRequest, params: SamplingParams) -> pb.ReserveKVReply:
-        q, rid = req.request, req.request.request_id
+        q, rid = req.request, engine_id(req.request)
         if rid in self._reserved:
             return pb.ReserveKVReply(error=_error(pb.BAD_REQUEST, f"request {rid!r} is already reserved here"))
         if req.backend != self.backend:
@@ -198,8 +196,7 @@ class BlockReceiver:
         if not await res.landed:
             return _error(pb.UNAVAILABLE, f"KV of {rid} did not land on every rank of {self.group_id}")
         try:
-            await self.loop.call(self.engine.finish_receive, rid, list(req.output_ids), res.num_tokens,
-                                 sampler_state_tensor(req.rng_state))
+            await self.loop.call(self.engine.finish_receive, rid, list(req.output_ids), res.num_tokens)
         except EngineError as e:
             await self.loop.call(self.engine.abort, rid)
             return _error(pb.OVERLOADED, f"decode group {self.group_id}: {e}", 1.0)

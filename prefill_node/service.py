@@ -3,7 +3,9 @@ request's output stream (so TTFT never waits for the KV transfer), then hands th
 decode group named in the assignment and answers the router.
 
 Lifecycle of one request here: Prefill RPC -> add_request(prefill_only) -> the step that
-samples the first token -> first token event -> KV hand-off -> reply. The hand-off goes to the
+samples the first token -> first token event -> KV hand-off -> reply. A request the router resumes
+after its group died (`attempt` > 0) carries the tokens its client has (`resume_ids`): they are
+computed with the prompt, and the token sampled here is the next one (`index`). The hand-off goes to the
 router's decode group, or, when that one fails mid-way, to another live decode group
 (`kvtransfer.handoff.fail_over`). With agents open (kv_backend auto | nixl | local) it is the block
 path (`kvtransfer.block_handoff`: every rank writes its own blocks, then release); when that
@@ -27,7 +29,7 @@ from services.config import NodeConfig
 from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
 from services.node.frame import GroupLeader, error, sampling_of
-from services.rpc import pb, pb_grpc
+from services.rpc import engine_id, pb, pb_grpc, request_of
 
 log = logging.getLogger("nitsum.prefill")
 
@@ -61,21 +63,20 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
                 waiter.set_result(out)
 
     async def on_cancel(self, request_id: str) -> None:
-        waiter = self._waiting.pop(request_id, None)
-        if waiter is None:
-            return
         assert self.loop is not None and self.engine is not None
-        await self.loop.call(self.engine.abort, request_id)
-        self.metrics.aborted.inc()
-        self.aborted += 1
-        if not waiter.done():
-            waiter.set_result(None)
+        for eid in [e for e in self._waiting if request_of(e) == request_id]:
+            waiter = self._waiting.pop(eid)
+            await self.loop.call(self.engine.abort, eid)
+            self.metrics.aborted.inc()
+            self.aborted += 1
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:  # noqa: N802
         return self.health()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortReply:  # noqa: N802
-        found = request.request_id in self._waiting
+        found = any(request_of(e) == request.request_id for e in self._waiting)
         await self.on_cancel(request.request_id)
         return pb.AbortReply(found=found)
 
@@ -87,7 +88,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         except Exception:
             log.exception("prefill of %s failed", q.request_id)
             e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
-            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time()))
+            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time(), attempt=q.attempt))
             return pb.PrefillReply(error=e)
         finally:
             self._in_flight -= 1
@@ -104,23 +105,24 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
 
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
-        q, rid = request.request, request.request.request_id
+        q, rid, eid = request.request, request.request.request_id, engine_id(request.request)
         if await self.cluster.is_cancelled(rid):
             return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled before prefill"))
-        if not await self.cluster.claim_prefill(rid, self.config.group_id):
+        if not await self.cluster.claim_prefill(rid, q.attempt, self.config.group_id):
             # Dispatched twice (a router died mid-dispatch): the first dispatch serves it; this
             # one must not touch the request's stream.
             log.info("request %s was already taken by a prefill group; dropping the duplicate", rid)
             return pb.PrefillReply(error=error(pb.CANCELLED, "duplicate dispatch"))
         started = time.perf_counter()
         waiter: asyncio.Future[RequestOutput | None] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = waiter
+        self._waiting[eid] = waiter
         try:
-            await self.loop.call(self.engine.add_request, rid, list(q.prompt_ids), sampling_of(q.sampling), True)
+            await self.loop.call(self.engine.add_request, eid, list(q.prompt_ids), sampling_of(q.sampling), True,
+                                 list(q.resume_ids))
         except BadRequestError as e:
-            self._waiting.pop(rid, None)
+            self._waiting.pop(eid, None)
             err = error(pb.BAD_REQUEST, str(e))
-            await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time()))
+            await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time(), attempt=q.attempt))
             return pb.PrefillReply(error=err)
         out = await waiter
         if out is None:
@@ -130,20 +132,22 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         done = out.finish_reason in ("stop", "length", "abort")
         await self.cluster.emit(rid, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
                                                    time_s=time.time(), prompt_tokens=len(q.prompt_ids),
-                                                   next_group="" if done else request.decode_group))
+                                                   next_group="" if done else request.decode_group,
+                                                   index=out.index, attempt=q.attempt))
         if done:
             return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
         return await self._hand_over(request, first, prefill_s)
 
     async def _hand_over(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
-        q, rid = request.request, request.request.request_id
+        q, rid, eid = request.request, request.request.request_id, engine_id(request.request)
 
         async def find_other(tried: set[str]) -> DecodeTarget | None:
             return pick_decode_group(await self.cluster.groups(), tried, request.epoch)
 
         async def redirect(target: DecodeTarget) -> None:
-            await self.cluster.emit(rid, pb.TokenEvent(time_s=time.time(), next_group=target.group_id))
+            await self.cluster.emit(rid, pb.TokenEvent(time_s=time.time(), next_group=target.group_id,
+                                                       attempt=q.attempt))
 
         target = DecodeTarget(request.decode_group, request.decode_address)
         attempts = self.config.kv_handoff_attempts
@@ -151,7 +155,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
             blocks = self.blocks
 
             async def attempt(t: DecodeTarget) -> pb.Error | None:
-                return await blocks.attempt(q, [first], request.epoch, t)
+                return await blocks.attempt(q, [*q.resume_ids, first], request.epoch, t)
 
             try:
                 result = await fail_over(attempt, target, find_other, redirect, self.metrics, attempts, rid)
@@ -159,22 +163,27 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
                 log.exception("block hand-off of %s failed", rid)
                 result = HandoffResult(None)
             if result.target is not None or (result.error is not None and result.error.kind == pb.CANCELLED):
-                await self.loop.call(self.engine.release, rid)
-                return await self._reply(rid, result, first, prefill_s)
+                await self.loop.call(self.engine.release, eid)
+                return await self._reply(rid, result, first, prefill_s, q.attempt)
             log.warning("KV blocks of %s reached no decode group; sending the KV over gRPC", rid)
             target = result.last_tried or target  # the group the request's stream names now
         try:
-            kv = await self.loop.call(self.engine.export_kv, rid)
+            kv = await self.loop.call(self.engine.export_kv, eid)
         finally:
-            await self.loop.call(self.engine.release, rid)
-        result = await hand_off(self.kv, KVHandoff(q, (first,), kv, request.epoch), target, find_other, redirect,
-                                self.metrics, attempts)
-        return await self._reply(rid, result, first, prefill_s)
+            await self.loop.call(self.engine.release, eid)
+        result = await hand_off(self.kv, KVHandoff(q, (*q.resume_ids, first), kv, request.epoch), target, find_other,
+                                redirect, self.metrics, attempts)
+        return await self._reply(rid, result, first, prefill_s, q.attempt)
 
-    async def _reply(self, rid: str, result: HandoffResult, first: int, prefill_s: float) -> pb.PrefillReply:
+    async def _reply(self, rid: str, result: HandoffResult, first: int, prefill_s: float,
+                     attempt: int) -> pb.PrefillReply:
         if result.target is None:
-            err = result.error or error(pb.INTERNAL, "KV transfer failed")
-            if err.kind != pb.CANCELLED:  # no decode group took it: tell the client
-                await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time()))
+            err = result.error or error(pb.UNAVAILABLE, "KV transfer failed")
+            if err.kind == pb.BAD_REQUEST:  # the client's fault: any decode group would refuse it
+                await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time(), attempt=attempt))
+            elif err.kind != pb.CANCELLED:
+                # No decode group took the KV now: the router resumes the request from the tokens its
+                # client has once a decode group can take it (router/recovery.py).
+                err = error(pb.UNAVAILABLE, f"no decode group took the KV of {rid}: {err.message}")
             return pb.PrefillReply(error=err, first_token=first, prefill_s=prefill_s)
         return pb.PrefillReply(first_token=first, prefill_s=prefill_s, transfer_s=result.seconds)

@@ -21,6 +21,11 @@ Every reconfiguration is accounted for (`ReconfigReport`): per group the pause i
 fails half-way (a slot dies, a fetch times out) is retried once towards a valid plan made of live
 slots: the new plan without the groups that lost a slot (rolled forward), else the old one
 (rolled back); a plan with no prefill or no decode group is never applied.
+
+The plan asked for (at start, or by `apply`) is the target: when a slot dies while serving,
+`heal` re-plans without its groups (their requests are resumed elsewhere, router/recovery.py), and
+once every slot of the target answers again (`nitsum up` restarts a dead slot) it brings the
+cluster back to the target ("restored").
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class ReconfigReport:
     from_epoch: int
     to_epoch: int
     plan: str
-    result: str = "committed"  # committed | unchanged | rolled_forward | rolled_back | healed | failed
+    result: str = "committed"  # committed | unchanged | rolled_forward | rolled_back | healed | restored | failed
     seconds: float = 0.0
     groups: list[GroupReport] = field(default_factory=list)
     kept_bytes: int = 0
@@ -206,6 +211,7 @@ class Orchestrator:
         self.slots = SlotClient()
         self.epoch = 0
         self.plan: Plan | None = None
+        self.target: Plan | None = None  # the plan asked for; `plan` may lack groups that lost a slot
         self.history: list[ReconfigReport] = []
         self._lock = asyncio.Lock()
         self.on_report: list[Any] = []  # callbacks(report): metrics
@@ -266,6 +272,7 @@ class Orchestrator:
         async with self._lock:
             views = await self.slot_views()
             self.check(plan, views)
+            asked_before, self.target = self.target, plan
             report = ReconfigReport(self.epoch, self.epoch + 1, describe(plan))
             started = time.perf_counter()
             try:
@@ -275,6 +282,8 @@ class Orchestrator:
                 report.attempts.append({"plan": describe(plan), "error": str(e)})
                 report.error = str(e)
                 await self._recover(plan, report)
+                if report.result == "rolled_back":  # the plan asked for did not take: the old one stays the target
+                    self.target = asked_before
             report.seconds = time.perf_counter() - started
             self._finish(report)
             return report
@@ -282,13 +291,19 @@ class Orchestrator:
     async def heal(self) -> ReconfigReport | None:
         """Outside a reconfiguration: when a slot of the current plan is gone (its process died),
         re-plan to the current plan without the groups that lost a slot, if that still has a
-        prefill and a decode group. Requests on the lost group fail (their KV died with it)."""
+        prefill and a decode group (the router resumes the lost groups' requests elsewhere); once
+        every slot of the target plan answers again (restarted), bring the cluster back to it."""
         if self.busy or self.plan is None:
             return None
         views = await self.slot_views()
         lost = [g for g in self.plan.groups if any(i not in views for i in g.slots)]
-        if not lost or self.busy:
+        if self.busy:
             return None
+        if not lost:
+            return await self._restore(views)
+        live = [g for g in self.plan.groups if g not in lost]
+        if not any(g.role == "prefill" for g in live) or not any(g.role == "decode" for g in live):
+            return None  # nothing valid to re-plan to: requests wait in their queues for the slot's return
         async with self._lock:
             dead = sorted({i for g in lost for i in g.slots if i not in views})
             log.warning("slot(s) %s are gone; re-planning without their groups", dead)
@@ -296,6 +311,31 @@ class Orchestrator:
                                     error=f"slot(s) {dead} stopped answering")
             started = time.perf_counter()
             await self._recover(self.plan, report, forward="healed")
+            report.seconds = time.perf_counter() - started
+            self._finish(report)
+            return report
+
+    async def _restore(self, views: dict[int, SlotView]) -> ReconfigReport | None:
+        """Re-apply the target once all its slots answer, if a group of it is not serving (a slot
+        that was restarted holds no group yet, or the plan was cut down while it was away)."""
+        target = self.target or self.plan
+        if target is None or any(i not in views for g in target.groups for i in g.slots):
+            return None  # a slot of the target is still away (restarting)
+        serving = {g.key() for g in current_groups(views)}
+        if all((g.role, tuple(g.slots)) in serving for g in target.groups):
+            return None
+        async with self._lock:
+            log.warning("every slot of %s answers again; restoring it", describe(target))
+            report = ReconfigReport(self.epoch, self.epoch + 1, describe(target))
+            started = time.perf_counter()
+            try:
+                await self._apply_once(target, views, report)
+                report.result = "restored"
+            except Exception as e:
+                log.exception("restoring %s failed", describe(target))
+                report.attempts.append({"plan": describe(target), "error": str(e)})
+                report.error = str(e)
+                await self._recover(self.plan or target, report, forward="healed")
             report.seconds = time.perf_counter() - started
             self._finish(report)
             return report
@@ -448,9 +488,9 @@ class Orchestrator:
         await self.cluster.set_plan(0, self._plan_doc(plan, reconfiguring=False) | {"applied": False})
 
     def _plan_doc(self, plan: Plan, reconfiguring: bool) -> dict[str, Any]:
-        return {"text": describe(plan), "groups": [{"role": g.role, "tp": g.tp, "slots": list(g.slots)}
-                                                  for g in plan.groups],
-                "num_slots": plan.num_slots, "reconfiguring": reconfiguring, "applied": not reconfiguring}
+        target = self.target or plan
+        return {"text": describe(plan), "groups": _groups_doc(plan), "num_slots": plan.num_slots,
+                "reconfiguring": reconfiguring, "applied": not reconfiguring, "target": _groups_doc(target)}
 
     async def _publish(self, plan: Plan, epoch: int, reconfiguring: bool) -> None:
         await self.cluster.set_plan(epoch if not reconfiguring else self.epoch, self._plan_doc(plan, reconfiguring))
@@ -467,11 +507,8 @@ class Orchestrator:
         if not text or not doc.get("num_slots"):
             return None  # no plan for slots (static prefill/decode groups register themselves)
         num_slots = int(doc["num_slots"])
-        if doc.get("groups"):
-            plan = Plan(groups=tuple(Group(str(g["role"]), tuple(int(i) for i in g["slots"])) for g in doc["groups"]),
-                        num_slots=num_slots)
-        else:
-            plan = parse_plan(text, slots=num_slots)
+        plan = _plan_of(doc["groups"], num_slots) if doc.get("groups") else parse_plan(text, slots=num_slots)
+        self.target = _plan_of(doc["target"], num_slots) if doc.get("target") else plan
         views = await self.wait_for_slots(plan.num_slots, timeout_s)
         self.epoch = max(self.epoch, epoch)
         current = current_groups(views)
@@ -481,10 +518,22 @@ class Orchestrator:
             self.routing.set_epoch(self.epoch)
             log.info("adopted the serving plan %s at epoch %d", describe(plan), self.epoch)
             return None
-        return await self.apply(plan)
+        target = self.target
+        report = await self.apply(plan)
+        self.target = target  # the stored plan may be a degraded one: the target stays what was asked
+        return report
 
     async def close(self) -> None:
         await self.slots.close()
+
+
+def _groups_doc(plan: Plan) -> list[dict[str, Any]]:
+    return [{"role": g.role, "tp": g.tp, "slots": list(g.slots)} for g in plan.groups]
+
+
+def _plan_of(groups: list[dict[str, Any]], num_slots: int) -> Plan:
+    return Plan(groups=tuple(Group(str(g["role"]), tuple(int(i) for i in g["slots"])) for g in groups),
+                num_slots=num_slots)
 
 
 def parse_plan_input(text: str, num_slots: int | None) -> Plan:

@@ -25,9 +25,12 @@ One call does three things, in this order:
    its cap) that would finish its prompt earliest, so long prompts land on wide groups, and to
    the least-loaded decode-capable group that has free KV blocks for the prompt plus
    `max_tokens` and a free batch slot; the tier with the tightest TPOT target prefers
-   decode-only groups, whose steps no prefill chunk stretches. Reservations made earlier
-   in the same call count, so one call never over-commits a group. A request that fits nowhere
-   stays queued.
+   decode-only groups, whose steps no prefill chunk stretches. A prefill group holds at most
+   `max_queued_requests` dispatched requests; the rest wait here, in tier order. The lowest tier
+   (smallest weight, when tiers differ in weight) may fill only `background_share` of a decode
+   group's batch slots and of a prefill group's window: a flood of background work never leaves
+   an interactive request without a place to go at once. Reservations made earlier in the same call count, so one call never
+   over-commits a group. A request that fits nowhere stays queued.
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ class GroupState:
     max_queued_tokens: int = 16384
     # Rough prefill speed, used only to turn a backlog into a wait (admission control).
     prefill_tokens_per_s: float = 20000.0
+    # Requests a prefill-capable group has been given and not finished handing off, and how many
+    # it may have: past that they wait in the router's tier-ordered queue, so a late interactive
+    # request is not stuck behind a flood of batch ones already sent down.
+    queued_requests: int = 0
+    max_queued_requests: int = 1 << 30
 
     @property
     def does_prefill(self) -> bool:
@@ -93,6 +101,7 @@ class SchedulerSnapshot:
     queued: tuple[QueuedRequest, ...]
     groups: tuple[GroupState, ...]
     order: str = "deadline"  # "deadline" | "priority" | "fcfs"
+    background_share: float = 0.75  # of a decode group's batch slots, for the lowest tier
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,7 @@ def schedule(snapshot: SchedulerSnapshot) -> Decisions:
     kept = [q for q in snapshot.queued if q.request_id not in shed_ids]
     ordered = _order(kept, tiers, snapshot.now_s, snapshot.order)
     return Decisions(dispatch=_place(ordered, snapshot.groups, tiers, snapshot.now_s,
-                                         defer_late=snapshot.order == "deadline"), shed=tuple(shed))
+                                         snapshot.order == "deadline", snapshot.background_share), shed=tuple(shed))
 
 
 def _admission(snapshot: SchedulerSnapshot, tiers: dict[str, Tier]) -> list[Shed]:
@@ -198,9 +207,13 @@ def _order(reqs: list[QueuedRequest], tiers: dict[str, Tier], now_s: float,
 
 
 def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...], tiers: dict[str, Tier],
-           now_s: float, defer_late: bool) -> tuple[Dispatch, ...]:
+           now_s: float, defer_late: bool, background_share: float = 1.0) -> tuple[Dispatch, ...]:
     prefill = {g.group_id: g.queued_tokens for g in groups if g.does_prefill}
     cap = {g.group_id: g.max_queued_tokens for g in groups if g.does_prefill}
+    slots_left = {g.group_id: g.max_queued_requests - g.queued_requests for g in groups if g.does_prefill}
+    # What the lowest tier must leave of each prefill group's window (see background_share).
+    kept_back = {g.group_id: g.max_queued_requests - max(1, int(g.max_queued_requests * background_share))
+                 for g in groups if g.does_prefill}
     rate = {g.group_id: max(g.prefill_tokens_per_s, 1e-9) for g in groups}
     tp = {g.group_id: g.tp for g in groups}
     kv = {g.group_id: g.free_kv_blocks for g in groups if g.does_decode}
@@ -209,20 +222,28 @@ def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...], tiers: 
     block = {g.group_id: g.block_size for g in groups}
     decode_only = {g.group_id for g in groups if g.role == ROLE_DECODE}
     tightest = min((t.tpot_s for t in tiers.values()), default=0.0)
+    weights = {t.weight for t in tiers.values()}
+    lowest = {n for n, t in tiers.items() if t.weight == min(weights)} if len(weights) > 1 else set()
+    background_slots = {g: max(1, int(n * background_share)) for g, n in max_running.items()}
     out: list[Dispatch] = []
     late: list[tuple[QueuedRequest, str]] = []
     for q in ordered:
-        if not any(prefill[g] < cap[g] for g in prefill):
+        if not any(prefill[g] < cap[g] and slots_left[g] > 0 for g in prefill):
             break  # every prefill group is full: nobody else can go this tick
         # The tightest-TPOT tier goes to decode-only groups first: no prefill chunk ever
         # stretches their steps.
         tier = tiers[q.tier]
         prefer_pure = tier.tpot_s <= tightest and bool(decode_only)
-        dec = _pick_decode(q, kv, running, max_running, block, tp, decode_only if prefer_pure else set())
+        background = q.tier in lowest
+        dec = _pick_decode(q, kv, running, background_slots if background else max_running, block, tp,
+                           decode_only if prefer_pure else set())
         if dec is None:
             continue  # a smaller request may still fit
-        pre = _pick_prefill(q, prefill, cap, rate, prefer=dec)
+        window = {g: n - kept_back[g] for g, n in slots_left.items()} if background else slots_left
+        pre = _pick_prefill(q, prefill, cap, rate, window, prefer=dec)
         if pre is None:
+            if background:
+                continue  # the windows' last places are kept for the higher tiers
             break
         # A request that cannot make its TTFT even on the earliest-finishing group would only
         # push requests that still can past theirs: it waits for spare capacity (below).
@@ -230,20 +251,23 @@ def _place(ordered: list[QueuedRequest], groups: tuple[GroupState, ...], tiers: 
         if defer_late and finish > q.arrival_s + tier.ttft_s and now_s - q.arrival_s < tier.max_wait_s:
             late.append((q, dec))
             continue
-        _commit(q, pre, dec, prefill, kv, running, block, out)
+        _commit(q, pre, dec, prefill, kv, running, block, out, slots_left)
     for q, dec in late:
         # Spare capacity only: a group with nothing buffered takes one late request.
-        idle = [g for g in prefill if prefill[g] == 0]
-        if not idle or kv[dec] < _blocks(q, block[dec]) or running[dec] >= max_running[dec]:
+        idle = [g for g in prefill if prefill[g] == 0 and slots_left[g] > 0]
+        limit = background_slots if q.tier in lowest else max_running
+        if not idle or kv[dec] < _blocks(q, block[dec]) or running[dec] >= limit[dec]:
             continue
         pre = min(idle, key=lambda g: (q.prompt_tokens / rate[g], g))
-        _commit(q, pre, dec, prefill, kv, running, block, out)
+        _commit(q, pre, dec, prefill, kv, running, block, out, slots_left)
     return tuple(out)
 
 
 def _commit(q: QueuedRequest, pre: str, dec: str, prefill: dict[str, int], kv: dict[str, int],
-            running: dict[str, int], block: dict[str, int], out: list[Dispatch]) -> None:
+            running: dict[str, int], block: dict[str, int], out: list[Dispatch],
+            slots_left: dict[str, int]) -> None:
     prefill[pre] += q.prompt_tokens
+    slots_left[pre] -= 1
     kv[dec] -= _blocks(q, block[dec])
     running[dec] += 1
     out.append(Dispatch(q.request_id, pre, dec))
@@ -254,11 +278,11 @@ def _blocks(q: QueuedRequest, block_size: int) -> int:
 
 
 def _pick_prefill(q: QueuedRequest, prefill: dict[str, int], cap: dict[str, int], rate: dict[str, float],
-                  prefer: str) -> str | None:
+                  slots_left: dict[str, int], prefer: str) -> str | None:
     """Earliest estimated prefill finish: a long prompt goes to a wide group even if it is busier.
 
     A colocated decode group gets a small edge for its own requests (no KV transfer needed)."""
-    open_groups = [g for g in prefill if prefill[g] < cap[g]]
+    open_groups = [g for g in prefill if prefill[g] < cap[g] and slots_left[g] > 0]
     if not open_groups:
         return None
     return min(open_groups, key=lambda g: ((prefill[g] + q.prompt_tokens) / rate[g] * (0.95 if g == prefer else 1.0), g))

@@ -5,10 +5,11 @@ Loop (only while this router holds the leader lock): read new entries from every
 `SchedulerSnapshot` from what is queued and the groups' Redis records, call the pure
 `router.scheduler.schedule`, then:
   - shed -> an OVERLOADED event on the request's output stream (the gateway answers 429) + ack;
-  - dispatch -> Prefill RPC to the prefill group leader naming the decode group; the entry is
-    acked once the prefill group has taken the request over (so a router that dies before that
-    leaves it pending, to be claimed again).
-A request cancelled while queued is dropped. Requests in neither list stay queued.
+  - dispatch -> the request goes on the in-flight ledger and off its tier stream (one Redis
+    transaction), then a Prefill RPC to the prefill group leader naming the decode group.
+A request cancelled while queued is dropped. Requests in neither list stay queued. An entry read
+but not dispatched stays pending in its stream: a router that takes over the lead claims it.
+Requests whose group dies are resumed by `router/recovery.py`, which puts them back in this queue.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
+from router.recovery import Recovery
 from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
 from services.cluster import ClusterClient, GroupRecord, QueueEntry
+from services.cluster.client import REDIS_ERRORS
 from services.config import RouterConfig
 from services.metrics import RouterMetrics
 from services.rpc import pb, pb_grpc
@@ -57,34 +61,71 @@ class Router:
     # an epoch newer than `epoch` get none until every group of that epoch is ready.
     frozen: set[str] = field(default_factory=set)
     epoch: int | None = None  # None: route to every registered group (static groups)
+    recovery: Recovery = field(init=False)
+    _took_lead: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.recovery = Recovery(self.cluster, self)
 
     async def run(self, stop: asyncio.Event) -> None:
         tiers = list(self.config.policy.names)
-        await self.cluster.ensure_queues(tiers)
+        await self._until_redis(lambda: self.cluster.ensure_queues(tiers), stop)
         self.tasks.spawn(self._hold_leadership(stop), name="leader-lock")
         self.tasks.spawn(self._follow_cancellations(), name="cancellations")
         self.tasks.spawn(self._claim_stale(stop), name="claim-stale")
+        self.tasks.spawn(self.recovery.run(stop), name="recovery")
+        backoff = 0.05
         try:
             while not stop.is_set():
                 if not self.leading:
                     await asyncio.sleep(0.05)
                     continue
-                block = self.config.read_block_ms if self.queued else 100
-                for entry in await self.cluster.read_queues(self.config.router_id, tiers, self.config.read_count, block):
-                    self._take(entry)
-                if self.queued:
-                    await self._schedule_once()
+                try:
+                    await self._tick(tiers)
+                    backoff = 0.05
+                except REDIS_ERRORS as e:  # Redis restarting: keep what is queued here, try again
+                    log.warning("router tick failed (%s); retrying in %.2fs", e, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(1.0, backoff * 2)
         finally:
             await self.tasks.cancel_all()
+            await self.recovery.close()
             for channel, _ in self._stubs.values():
                 await channel.close()
             if self.leading:
-                await self.cluster.release_leader(self.config.router_id)
+                try:
+                    await self.cluster.release_leader(self.config.router_id)
+                except REDIS_ERRORS:
+                    pass  # the lock expires by itself
+
+    async def _until_redis(self, call: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await call()
+                return
+            except REDIS_ERRORS as e:
+                log.warning("Redis unreachable (%s); retrying", e)
+                await asyncio.sleep(1.0)
+
+    async def _tick(self, tiers: list[str]) -> None:
+        block = self.config.read_block_ms if self.queued else 100
+        for entry in await self.cluster.read_queues(self.config.router_id, tiers, self.config.read_count, block):
+            self._take(entry)
+        if self.queued:
+            await self._schedule_once()
 
     def _take(self, entry: QueueEntry) -> None:
         rid = entry.request.request_id
         if rid not in self.queued and rid not in self.dispatching:
             self.queued[rid] = entry
+
+    # ---- what recovery drives (router.recovery.Requeue) ------------------------------------------
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.queued or request_id in self.dispatching
+
+    def requeue(self, request: pb.QueuedRequest) -> None:
+        """A resumed request: queued here only (its tier stream entry is long gone)."""
+        self.queued[request.request_id] = QueueEntry(request.tier, "", request)
 
     async def _groups_now(self) -> list[GroupRecord]:
         now = time.monotonic()
@@ -94,19 +135,22 @@ class Router:
         return self._groups
 
     def snapshot(self, groups: list[GroupRecord]) -> SchedulerSnapshot:
-        queued = tuple(QueuedRequest(rid, e.tier, e.request.arrival_s, len(e.request.prompt_ids),
-                                     e.request.sampling.max_tokens) for rid, e in self.queued.items())
+        queued = tuple(QueuedRequest(rid, e.tier, e.request.arrival_s, _context(e.request),
+                                     e.request.sampling.max_tokens - len(e.request.resume_ids))
+                       for rid, e in self.queued.items())
         states = []
         for g in groups:
             if not self.routable(g):
                 continue
             extra = self.inflight.get(g.group_id, InFlight())
             states.append(GroupState(g.group_id, g.role, g.tp, max(0, g.free_kv_blocks - extra.blocks), g.block_size,
-                                     g.running + extra.requests, g.max_running, queued_tokens=g.queued_tokens + extra.tokens))
+                                     g.running + extra.requests, g.max_running, queued_tokens=g.queued_tokens + extra.tokens,
+                                     queued_requests=extra.requests, max_queued_requests=self.config.prefill_window))
         return SchedulerSnapshot(now_s=time.time(), tiers=self.config.policy.tiers, queued=queued, groups=tuple(states))
 
     def routable(self, g: GroupRecord) -> bool:
-        return g.group_id not in self.frozen and (self.epoch is None or g.epoch <= self.epoch)
+        return (g.group_id not in self.frozen and g.group_id not in self.recovery.dead
+                and (self.epoch is None or g.epoch <= self.epoch))
 
     # ---- what the orchestrator drives (router.orchestrator.RoutingControl) -----------------------
     def freeze(self, group_ids: set[str]) -> None:
@@ -135,7 +179,10 @@ class Router:
         self.metrics.schedule_seconds.observe(time.perf_counter() - start)
         by_id = {g.group_id: g for g in groups}
         for shed in decisions.shed:
-            entry = self.queued.pop(shed.request_id)
+            entry = self.queued[shed.request_id]
+            if entry.request.attempt:
+                continue  # a resumed request has streamed already: it waits, it is not shed
+            del self.queued[shed.request_id]
             self.metrics.shed.labels(entry.tier).inc()
             err = pb.Error(kind=pb.OVERLOADED, message=shed.reason, retry_after_s=shed.retry_after_s)
             await self.cluster.emit(shed.request_id, pb.TokenEvent(error=err, time_s=time.time()))
@@ -153,7 +200,7 @@ class Router:
             p_load = self.inflight.setdefault(prefill.group_id, InFlight())
             d_load = self.inflight.setdefault(decode.group_id, InFlight())
             p_load.requests += 1
-            p_load.tokens += len(q.prompt_ids)
+            p_load.tokens += _context(q)
             d_load.requests += 1
             d_load.blocks += blocks
             self.tasks.spawn(self._dispatch(entry, prefill, decode, p_load, d_load, blocks), name=f"dispatch-{d.request_id}")
@@ -162,24 +209,35 @@ class Router:
                         d_load: InFlight, blocks: int) -> None:
         q = entry.request
         try:
+            try:
+                await self.cluster.record_dispatch(q, prefill.group_id, entry if entry.entry_id else None)
+            except REDIS_ERRORS as e:  # not on the ledger: the request is still queued
+                log.warning("could not dispatch %s (%s); it stays queued", q.request_id, e)
+                self.queued.setdefault(q.request_id, entry)
+                return
+            t_disp = time.time()
             reply = await self._stub(prefill.address).Prefill(
                 pb.PrefillRequest(request=q, decode_group=decode.group_id, decode_address=decode.address,
                                   epoch=prefill.epoch), timeout=self.config.rpc_timeout_s)
-            if reply.error.kind not in (pb.ERROR_KIND_UNSPECIFIED, pb.CANCELLED):
+            log.debug("request %s (%s): queued %.3fs, prefill %.3fs, KV hand-off %.3fs", q.request_id, q.tier,
+                      t_disp - q.arrival_s, reply.prefill_s, reply.transfer_s)
+            if reply.error.kind == pb.UNAVAILABLE:  # no decode group took its KV: resume it (below)
+                log.info("request %s: %s; it waits for a decode group", q.request_id, reply.error.message)
+                await self.cluster.set_holder(q.request_id, q.attempt, "")
+                self.recovery.kick()
+            elif reply.error.kind not in (pb.ERROR_KIND_UNSPECIFIED, pb.CANCELLED):
                 log.info("request %s: %s", q.request_id, reply.error.message)
         except grpc.aio.AioRpcError as e:
             log.warning("prefill group %s failed request %s: %s", prefill.group_id, q.request_id, e.code().name)
-            err = pb.Error(kind=pb.UNAVAILABLE, message=f"prefill group {prefill.group_id} is unavailable",
-                           retry_after_s=1.0)
-            await self.cluster.emit(q.request_id, pb.TokenEvent(error=err, time_s=time.time()))
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.recovery.mark_dead(prefill.group_id, f"a prefill RPC could not reach it ({e.details()})")
         finally:
             p_load.requests -= 1
-            p_load.tokens -= len(q.prompt_ids)
+            p_load.tokens -= _context(q)
             d_load.requests -= 1
             d_load.blocks -= blocks
             self.dispatching.discard(q.request_id)
             self._groups_at = float("-inf")  # the groups' load changed: re-read before the next decision
-            await self.cluster.ack(entry)
 
     def _stub(self, address: str) -> pb_grpc.PrefillStub:
         if address not in self._stubs:
@@ -197,30 +255,51 @@ class Router:
                 leading = False
             if leading != self.leading:
                 log.info("router %s %s", self.config.router_id, "leads" if leading else "stands by")
+                if leading:
+                    self._took_lead.set()
             self.leading = leading
             self.metrics.leading.set(1 if leading else 0)
             await asyncio.sleep(ttl / 3000)
 
     async def _claim_stale(self, stop: asyncio.Event) -> None:
+        """Take over entries another router read but never dispatched: at once when this router
+        takes the lead (the lock says the last leader is gone), then those idle past the timeout."""
         while not stop.is_set():
-            await asyncio.sleep(self.config.claim_idle_ms / 2000)
+            try:
+                await asyncio.wait_for(self._took_lead.wait(), self.config.claim_idle_ms / 2000)
+            except TimeoutError:
+                pass
+            took_lead, idle_ms = self._took_lead.is_set(), self.config.claim_idle_ms
+            self._took_lead.clear()
             if not self.leading:
                 continue
-            for tier in self.config.policy.names:
-                for entry in await self.cluster.claim_stale(self.config.router_id, tier, self.config.claim_idle_ms):
-                    if entry.request.request_id not in self.dispatching:
-                        log.info("took over request %s left by another router", entry.request.request_id)
-                        self._take(entry)
+            try:
+                for tier in self.config.policy.names:
+                    for entry in await self.cluster.claim_stale(self.config.router_id, tier, 0 if took_lead else idle_ms):
+                        if not self.holds(entry.request.request_id):
+                            log.info("took over request %s left by another router", entry.request.request_id)
+                            self._take(entry)
+            except REDIS_ERRORS as e:
+                log.warning("claiming stale entries failed (%s); retrying", e)
+            if took_lead:
+                self.recovery.kick()
 
     async def _follow_cancellations(self) -> None:
         while True:
             try:
                 async for rid in self.cluster.cancellations():
                     entry = self.queued.pop(rid, None)
-                    if entry is not None:
+                    if entry is not None and entry.entry_id:
                         await self.cluster.ack(entry)
+                    if self.leading:
+                        await self.cluster.drop_inflight(rid)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("cancellation feed failed; resubscribing")
                 await asyncio.sleep(0.5)
+
+
+def _context(q: pb.QueuedRequest) -> int:
+    """Tokens a prefill group computes for the request: its prompt and, resumed, what it had sent."""
+    return len(q.prompt_ids) + len(q.resume_ids)

@@ -104,8 +104,8 @@ async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event, initia
             router.metrics.plan_epoch.set(orchestrator.epoch)  # also when it adopted a serving plan
             break
         await asyncio.sleep(2.0)
-    while not stop.is_set():  # then watch for slots that die while serving
-        await asyncio.sleep(2.0)
+    while not stop.is_set():  # then watch for slots that die while serving, and for their return
+        await asyncio.sleep(1.0)
         if router.leading:
             try:
                 await orchestrator.heal()
@@ -114,19 +114,31 @@ async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event, initia
 
 
 async def _serve_admin(orchestrator: Any, router: Any, host: str, port: int, key: str, stop: asyncio.Event) -> None:
+    """Serve the admin API while this router leads: routers standing by share the port and take it
+    over with the lead (a router that loses the lead gives the port up)."""
     import uvicorn
 
     from router.admin import build_app
 
     app = build_app(orchestrator, router.metrics, key, lambda: router.leading)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the router owns SIGTERM/SIGINT
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        await stop.wait()
-    finally:
+    while not stop.is_set():
+        if not router.leading:
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:  # the last leader still holds it, for a moment: try again
+            log.info("admin port %d not free yet (%s); retrying", port, e)
+            await asyncio.sleep(0.5)
+            continue
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the router owns SIGTERM/SIGINT
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while router.leading and not stop.is_set() and not serving.done():
+            await asyncio.sleep(0.1)
         server.should_exit = True
         await asyncio.wait([serving], timeout=5.0)
+        sock.close()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
-"""`nitsum up`: a whole mesh on this machine, each service its own process.
+"""`nitsum up`: a whole mesh on this machine, each service its own process, each supervised.
 
-Start order: Redis (a real redis-server child, unless --redis-url), the plan written to Redis,
-then every slot process of every group (rank 0 of each group leads it), the router and the
-gateway, all at once; then wait until the gateway's /health says a prefill and a decode group
-are ready, and print the URL. Ctrl-C / SIGTERM (or any child dying) stops everything this
-command started, by pid, in reverse order.
+Start order: Redis (a real redis-server child keeping an append-only file in the run's folder,
+unless --redis-url), the plan written to Redis, then every slot process, the routers (one leads,
+the others stand by) and the gateway, all at once; then wait until the gateway's /health says a
+prefill group, a decode group and a router are ready, and print the URL. A process that dies
+while the mesh serves is started again with backoff (`services/supervise.py`); Ctrl-C / SIGTERM
+stops everything this command started, by pid, newest first, Redis last.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.cliutil import explain, fail
+from services.cliutil import explain, fail, setup_logging
 from services.cluster.redis_server import RedisServer, free_port, start_redis_server
+from services.supervise import RestartPolicy, Supervisor, log_path, stop_processes
 
 DEFAULT_MODEL_DIR = Path(".nitsum/models/tiny")
 
@@ -45,6 +47,11 @@ class LaunchConfig(BaseModel):
     admin_port: int | None = Field(default=None, ge=0, le=65535)  # None: --port + 1; 0: a free port
     admin_key: str = ""  # "" : $NITSUM_ADMIN_KEY, else a random one (written to .nitsum/admin-key)
     slot_env: dict[int, dict[str, str]] = Field(default_factory=dict)  # extra environment per slot (tests)
+    routers: int = Field(default=2, ge=1)  # one leads, the others stand by to take over
+    role_grace_s: float = Field(default=15.0, ge=0)  # the gateway's (services/config.py GatewayConfig)
+    router_grace_s: float = Field(default=10.0, gt=0)
+    redis_dir: Path | None = None  # where our Redis keeps its append-only file (default: <log_dir>/redis)
+    restart: RestartPolicy = RestartPolicy()
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ def ensure_model(model: Path | None) -> Path:
 
 @dataclass
 class Mesh:
-    """Processes of one local mesh; `start()` then `stop()` (also a context manager)."""
+    """Processes of one local mesh, supervised; `start()` then `stop()` (also a context manager)."""
 
     config: LaunchConfig
     redis: RedisServer | None = None
@@ -107,7 +114,7 @@ class Mesh:
     port: int = 0
     admin_port: int = 0
     admin_key: str = ""
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=Supervisor)
     log_dir: Path = Path(".")
 
     @property
@@ -118,15 +125,27 @@ class Mesh:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        """Each service's current process (a restarted one's new process)."""
+        return [(c.name, c.proc) for c in self.supervisor.children if c.proc is not None]
+
+    def pid(self, name: str) -> int:
+        proc = self.supervisor.get(name).proc
+        assert proc is not None
+        return proc.pid
+
     def start(self) -> Mesh:
         c = self.config
         groups = plan_groups(c.plan, c.slots)
         model = ensure_model(c.model)
         self.log_dir = c.log_dir or Path(".nitsum") / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor = Supervisor(c.restart, self._count_restart)
         try:
             if c.redis_url is None:
-                self.redis = start_redis_server(c.host)
+                self.redis = start_redis_server(c.host, data_dir=c.redis_dir or self.log_dir / "redis")
+                self.supervisor.add("redis", self._restart_redis, self.redis.process)
             self.redis_url = c.redis_url or self.redis.url  # type: ignore[union-attr]
             num_slots = c.slots or sum(g.tp for g in groups)
             self._write_plan(num_slots)
@@ -135,15 +154,33 @@ class Mesh:
             self.admin_port = self.admin_port or free_port(c.host)
             self.admin_key = c.admin_key or admin_key()
             self._start_slots(num_slots, model)
-            self._spawn("router", ["router.service_cli", *self._redis_args(), *self._tiers_args(), "--host", c.host,
-                                   "--admin-port", str(self.admin_port)], {"NITSUM_ADMIN_KEY": self.admin_key})
+            for i in range(c.routers):  # one leads (the lock in Redis), the others stand by
+                self._spawn(f"router{i}", ["router.service_cli", *self._redis_args(), *self._tiers_args(), "--host",
+                                           c.host, "--admin-port", str(self.admin_port)],
+                            {"NITSUM_ADMIN_KEY": self.admin_key})
             self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
-                                    "--port", str(self.port), *self._redis_args(), *self._tiers_args()])
+                                    "--port", str(self.port), *self._redis_args(), *self._tiers_args(),
+                                    "--role-grace-s", str(c.role_grace_s), "--router-grace-s", str(c.router_grace_s)])
+            self.supervisor.watch()  # from the start: a process that crashes while starting is restarted too
             self.wait_healthy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _restart_redis(self) -> subprocess.Popen[bytes]:
+        assert self.redis is not None
+        self.redis.restart()
+        return self.redis.process
+
+    def _count_restart(self, name: str, status: int | None) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            client.hincrby(f"{self.config.redis_prefix}restarts", name, 1)
+        finally:
+            client.close()
 
     def _redis_args(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--redis-prefix", self.config.redis_prefix]
@@ -176,18 +213,11 @@ class Mesh:
                 *self._redis_args()], {"OMP_NUM_THREADS": threads, **self.config.slot_env.get(index, {})})
 
     def stop_slots(self, timeout_s: float = 10.0) -> None:
-        """Stop every slot process (the router, gateway and Redis stay up)."""
-        slots = [(n, p) for n, p in self.procs if n.startswith("slot")]
-        for _, p in slots:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for _, p in slots:
-            try:
-                p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs = [(n, p) for n, p in self.procs if not n.startswith("slot")]
+        """Stop every slot process (the router, gateway and Redis stay up; nothing restarts them)."""
+        slots = [c for c in self.supervisor.children if c.name.startswith("slot")]
+        for c in slots:
+            self.supervisor.children.remove(c)
+        stop_processes([c.proc for c in slots if c.proc is not None], timeout_s)
 
     def start_slots(self, num_slots: int) -> None:
         """Start slot processes again after `stop_slots` (a cold start; see bench/reconfig.py)."""
@@ -197,27 +227,34 @@ class Mesh:
         return f"cuda:{index}" if self.config.device == "cuda" else self.config.device
 
     def _spawn(self, name: str, module_args: list[str], extra_env: dict[str, str] | None = None) -> None:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-        proc = subprocess.Popen([sys.executable, "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        log.close()
-        self.procs.append((name, proc))
+        path = log_path(self.log_dir, name)
+
+        def start() -> subprocess.Popen[bytes]:
+            with open(path, "ab") as log:  # a restarted process appends to the same log
+                return subprocess.Popen([sys.executable, "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+        self.supervisor.add(name, start)
 
     def dead(self) -> list[tuple[str, int]]:
-        return [(name, p.returncode) for name, p in self.procs if p.poll() is not None]
+        return self.supervisor.dead()
+
+    def restarts(self, name: str) -> int:
+        return self.supervisor.get(name).restarts
 
     def log_tail(self, name: str, chars: int = 1500) -> str:
-        path = self.log_dir / f"{name}.log"
+        path = log_path(self.log_dir, name)
         return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
-            dead = self.dead()
-            if dead:
-                name, rc = dead[0]
-                raise RuntimeError(f"{name} exited with status {rc} during start-up:\n{self.log_tail(name)}")
+            gone = [c for c in self.supervisor.children if c.given_up]
+            if gone:
+                c = gone[0]
+                raise RuntimeError(f"{c.name} exited with status {c.last_status} {len(c.deaths)} times during "
+                                   f"start-up:\n{self.log_tail(c.name)}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
                     if r.status == 200:
@@ -228,18 +265,8 @@ class Mesh:
         raise RuntimeError(f"the mesh was not healthy after {self.config.startup_timeout_s:.0f}s; logs in {self.log_dir}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child (newest first), wait, SIGKILL what is left; then Redis, if ours."""
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for _, p in reversed(self.procs):
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs.clear()
+        """Stop supervising, SIGTERM every child (newest first), wait, SIGKILL what is left; Redis last."""
+        self.supervisor.stop_all(timeout_s)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -264,6 +291,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="engine device of every slot: cpu, or cuda (slot i on cuda:i)")
     p.add_argument("--admin-port", type=int, default=None,
                    help="router admin API port, for `nitsum plan apply/show` (default: --port + 1)")
+    p.add_argument("--routers", type=int, default=2,
+                   help="router processes: one leads, the others stand by to take over (default 2)")
+    p.add_argument("--redis-dir", default=None,
+                   help="folder for our Redis's append-only file (default: <log dir>/redis)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one process within 2 minutes before it is given up on (default 5)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -273,10 +306,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    setup_logging()
     try:
         config = LaunchConfig(model=args.model, slots=args.slots, plan=args.plan, host=args.host, port=args.port,
                               redis_url=args.redis_url, redis_prefix=args.redis_prefix, tiers=args.tiers,
-                              log_dir=args.log_dir, device=args.device, admin_port=args.admin_port)
+                              log_dir=args.log_dir, device=args.device, admin_port=args.admin_port,
+                              routers=args.routers, redis_dir=args.redis_dir,
+                              restart=RestartPolicy(max_restarts=max(0, args.max_restarts)))
         plan_groups(config.plan, config.slots)
     except ValidationError as e:
         return fail("up", explain(e))
@@ -298,13 +334,7 @@ def run(args: argparse.Namespace) -> int:
           f"re-cut it with `nitsum plan apply PLAN --router {mesh.admin_url}` (admin key in .nitsum/admin-key "
           "or $NITSUM_ADMIN_KEY)", flush=True)
     try:
-        while not stopping["now"]:
-            dead = mesh.dead()
-            if dead:
-                name, rc = dead[0]
-                print(f"nitsum up: {name} exited with status {rc}; stopping the mesh\n{mesh.log_tail(name)}",
-                      file=sys.stderr)
-                return 1
+        while not stopping["now"]:  # the supervisor restarts what dies (services/supervise.py)
             time.sleep(0.2)
         return 0
     finally:

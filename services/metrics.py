@@ -8,10 +8,13 @@ view, from the gateway mirroring the group records it reads from Redis.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from services.cluster.schema import GroupRecord
 
@@ -55,6 +58,20 @@ class GroupMetrics:
             self.observe(g)
 
 
+class RestartCounts(Collector):
+    """`nitsum_process_restarts_total{process}`: restarts `nitsum up` made, as counted in Redis."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("nitsum_process_restarts", "Processes of the mesh that died and were "
+                                     "restarted by `nitsum up`", labels=("process",))
+        for name, n in sorted(self.counts.items()):
+            family.add_metric((name,), n)
+        yield family
+
+
 class GatewayMetrics:
     def __init__(self, tiers: tuple[str, ...], registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -70,6 +87,8 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("nitsum_prompt_tokens", "Prompt tokens admitted", ("tier",), registry=r)
         self.generated_tokens = Counter("nitsum_generated_tokens", "Tokens generated", ("tier",), registry=r)
         self.groups = GroupMetrics(r)
+        self.restarts = RestartCounts()
+        r.register(self.restarts)
         for tier in tiers:  # every tier's series exists from the start, at zero
             self.ttft.labels(tier)
             self.tpot.labels(tier)
@@ -100,7 +119,7 @@ class RouterMetrics:
         # Reconfigurations (router/orchestrator.py), exported by the router that ran them.
         self.reconfigurations = Counter("nitsum_reconfigurations", "Plan changes applied by the orchestrator "
                                         "(epoch e -> e+1); result = committed | unchanged | rolled_forward | "
-                                        "rolled_back | healed | failed", ("result",), registry=r)
+                                        "rolled_back | healed | restored | failed", ("result",), registry=r)
         self.reconfig_pause = Histogram("nitsum_reconfig_pause_seconds", "Pause each group saw during a "
                                         "reconfiguration (0 for groups that kept serving)", ("group",),
                                         buckets=_LATENCY_BUCKETS, registry=r)

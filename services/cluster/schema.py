@@ -25,8 +25,27 @@ class Keys:
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}cancelled:{request_id}"
 
-    def prefill_claim(self, request_id: str) -> str:
-        return f"{self.prefix}prefill:{request_id}"
+    def prefill_claim(self, request_id: str, attempt: int = 0) -> str:
+        return f"{self.prefix}prefill:{request_id}:{attempt}"
+
+    @property
+    def inflight(self) -> str:
+        """Hash: request id -> its QueuedRequest, from dispatch to its last event."""
+        return f"{self.prefix}inflight"
+
+    @property
+    def holders(self) -> str:
+        """Hash: request id -> the group or slot holding it now ("router" while re-queued)."""
+        return f"{self.prefix}holders"
+
+    @property
+    def restarts(self) -> str:
+        """Hash: process name -> times `nitsum up` restarted it."""
+        return f"{self.prefix}restarts"
+
+    def wake(self, owner: str) -> str:
+        """A private stream whose entry ends `owner`'s blocked read of output streams."""
+        return f"{self.prefix}wake:{owner}"
 
     @property
     def cancel_channel(self) -> str:

@@ -1,7 +1,8 @@
 """The HTTP front door: OpenAI-compatible completions and chat over the mesh.
 
-A request is validated (400), its tier resolved (401/403/400), the mesh's readiness checked
-(503), its prompt tokenized and measured against the context (400), then it is put on its
+A request's API key is checked (401), its body read (413 past the size limit) and validated (400),
+its tier resolved (403/400), the mesh's readiness checked (503), its prompt tokenized off the event
+loop and measured against the context (400), then it is put on its
 tier's Redis stream (429 if that queue is full) and its tokens are read back from its own
 output stream, detokenized, and returned whole or as SSE chunks. A client that goes away
 mid-stream cancels the request, which frees its slot in the batch and its KV blocks.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -25,20 +27,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from services.cluster import ClusterClient
+from services.cluster.client import REDIS_ERRORS
 from services.config import GatewayConfig
 from services.metrics import CONTENT_TYPE, GatewayMetrics
 from services.rpc import pb
 from services.tasks import TaskSet
 
 from .codec import TextCodec
-from .errors import ApiError, bad_request, not_found
+from .errors import ApiError, bad_request, not_found, outcome_of
+from .guard import InternalErrorGuard
+from .limits import read_body
+from .openapi import RESPONSES, request_body
 from .protocol import ChatCompletionRequest, CompletionRequest, ResponseShape, parse_body
-from .resolve import resolve_tier
+from .resolve import authenticate, choose_tier
 from .streaming import RequestRun, collect, sse_response
 from .upstream import Upstream
 
 log = logging.getLogger("nitsum.gateway")
+_INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed and tokenized on the event loop
 T = TypeVar("T")
+SERVING_PATHS = ("/v1/completions", "/v1/chat/completions")
+# The engine's MIN_TEMPERATURE (services/engine/sampling.py; importing it would import torch): below
+# it dividing logits by the temperature overflows float32, so such a request is sent as greedy.
+GREEDY_BELOW = 1e-5
+# A top_p below the top token's probability (at least 1/vocab) keeps that token alone, whatever its
+# value; raised to this it stays so, and stays above 0 once sent as a float32.
+MIN_TOP_P = 1e-9
 
 
 @dataclass
@@ -73,23 +87,33 @@ def create_app(config: GatewayConfig, codec: TextCodec) -> FastAPI:
     app = FastAPI(title="Nitsum gateway", lifespan=lifespan)
     app.state.gateway = gw
     _install_error_handlers(app)
+    app.add_middleware(InternalErrorGuard, metrics=gw.metrics, default_tier=config.policy.default_tier,
+                       counted_paths=SERVING_PATHS)
 
     @app.get("/health")
     async def health() -> Response:
         assert gw.upstream is not None
-        groups = await gw.upstream.groups()
-        roles = {g.role for g in groups}
-        ready = {"prefill", "decode"} <= roles
-        body = {"status": "ok" if ready else "starting", "ready": ready,
+        try:
+            groups = await gw.upstream.groups(fresh=True)
+            await gw.upstream.look_for_router()
+        except REDIS_ERRORS:
+            return JSONResponse({"status": "unavailable", "ready": False, "missing": ["redis"], "groups": []}, 503)
+        missing = gw.upstream.missing(groups, 0.0)  # what serves right now, no grace
+        body = {"status": "ok" if not missing else "degraded" if groups else "starting", "ready": not missing,
+                "missing": missing, "router": gw.upstream.router_leading,
                 "groups": [{"group_id": g.group_id, "role": g.role, "tp": g.tp, "epoch": g.epoch} for g in groups]}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return JSONResponse(body, status_code=200 if not missing else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         assert gw.cluster is not None and gw.upstream is not None
-        for tier in config.policy.names:
-            gw.metrics.queue_depth.labels(tier).set(await gw.cluster.queue_depth(tier))
-        gw.metrics.groups.replace_all(await gw.cluster.groups())
+        try:
+            for tier in config.policy.names:
+                gw.metrics.queue_depth.labels(tier).set(await gw.cluster.queue_depth(tier))
+            gw.metrics.groups.replace_all(await gw.cluster.groups())
+            gw.metrics.restarts.counts = await gw.cluster.restarts()
+        except REDIS_ERRORS:
+            log.warning("/metrics: Redis is unreachable; serving the gateway's own series only")
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -97,11 +121,13 @@ def create_app(config: GatewayConfig, codec: TextCodec) -> FastAPI:
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
                                             "created": 0, "owned_by": "nitsum"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=RESPONSES,
+              openapi_extra=request_body(CompletionRequest, config, codec))
     async def completions(request: Request) -> Response:
         return await _serve(gw, request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=RESPONSES,
+              openapi_extra=request_body(ChatCompletionRequest, config, codec))
     async def chat_completions(request: Request) -> Response:
         return await _serve(gw, request, chat=True)
 
@@ -121,36 +147,41 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return ApiError(exc.status_code, str(exc.detail), kind).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, "internal error; it has been logged", "server_error", None, "internal_error").response()
+    # Other exceptions: InternalErrorGuard (an `Exception` handler here would answer, then re-raise).
 
 
 async def _serve(gw: Gateway, request: Request, chat: bool) -> Response:
     arrival = time.time()
     tier: str | None = None
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    request.state.request_id = rid  # for InternalErrorGuard's log line
     try:
-        body = parse_body(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
-        tier = resolve_tier(gw.config.policy, request.headers.get("authorization"),
-                            request.headers.get("x-nitsum-tier"), body.service_tier)
+        grant = authenticate(gw.config.policy, request.headers.get("authorization"))  # before any parsing
+        raw = await read_body(request, gw.config.max_body_bytes)
+        # Parsing and tokenizing take time in proportion to the body: a big one goes off the loop,
+        # which other requests' tokens flow through; a small one is quicker done here than handed
+        # to a thread (under a flood, the threads' queue would hold an interactive request back).
+        offload = len(raw) > _INLINE_BODY_BYTES
+        kind = ChatCompletionRequest if chat else CompletionRequest
+        body = await asyncio.to_thread(parse_body, raw, kind) if offload else parse_body(raw, kind)
+        tier = choose_tier(gw.config.policy, grant, request.headers.get("x-nitsum-tier"), body.service_tier)
+        request.state.tier = tier
         if body.model != gw.config.served_model_name:
-            raise not_found(f"model {body.model!r} is not served here; use {gw.config.served_model_name!r}",
+            raise not_found(f"model {body.model[:200]!r} is not served here; use {gw.config.served_model_name!r}",
                             "model", "model_not_found")
         assert gw.upstream is not None
         max_model_len = await gw.upstream.ready()
-        prompt_ids = _prompt_ids(gw.codec, body, chat)
+        prompt_ids = (await asyncio.to_thread(_prompt_ids, gw.codec, body, chat) if offload
+                      else _prompt_ids(gw.codec, body, chat))
         max_tokens = _max_tokens(body, chat, len(prompt_ids), max_model_len)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         queued = pb.QueuedRequest(request_id=rid, tier=tier, arrival_s=arrival, prompt_ids=prompt_ids,
                                   sampling=_sampling(body, max_tokens))
-        await gw.upstream.submit(queued)
+        entry_id = await gw.upstream.submit(queued)
     except ApiError as e:
         gw.metrics.requests.labels(tier or gw.config.policy.default_tier, _outcome(e.status)).inc()
         return e.response(tier)
     gw.metrics.prompt_tokens.labels(tier).inc(len(prompt_ids))
-    run = RequestRun(gw.upstream, gw.codec, gw.metrics, gw.config.policy.tier(tier), queued,
+    run = RequestRun(gw.upstream, gw.codec, gw.metrics, gw.config.policy.tier(tier), queued, entry_id,
                      ResponseShape(rid, gw.config.served_model_name, tier, chat), body.stops)
     headers = {"X-Nitsum-Tier": tier, "X-Request-Id": rid}
     try:
@@ -207,10 +238,12 @@ def _prompt_ids(codec: TextCodec, body: Any, chat: bool) -> list[int]:
         prompt = body.prompt_value()
         if isinstance(prompt, str):
             ids = codec.encode(prompt, add_special_tokens=True)
-        elif any(not isinstance(t, int) or t < 0 for t in prompt):
-            raise bad_request("prompt token ids must be non-negative integers", "prompt")
         else:
             ids = list(prompt)
+            outside = next((t for t in ids if not 0 <= t < codec.vocab_size), None)
+            if outside is not None:
+                raise bad_request(f"prompt token id {outside} is not in the model's vocabulary "
+                                  f"(ids 0..{codec.vocab_size - 1})", "prompt")
     if not ids:
         raise bad_request("prompt is empty", "messages" if chat else "prompt")
     return ids
@@ -227,11 +260,18 @@ def _max_tokens(body: Any, chat: bool, prompt_len: int, max_model_len: int) -> i
 
 
 def _sampling(body: Any, max_tokens: int) -> pb.SamplingParams:
-    return pb.SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                             top_p=body.top_p, has_seed=body.seed is not None, seed=body.seed or 0,
-                             ignore_eos=body.ignore_eos)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    temperature = temperature if temperature >= GREEDY_BELOW else 0.0
+    seed = body.seed
+    if seed is None and temperature > 0:
+        # The engine draws token i from a generator seeded by (seed, i): with a seed fixed here, a
+        # request resumed on another group after a failure goes on drawing the same stream.
+        seed = secrets.randbits(63)
+    top_p = 1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P)
+    return pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
+                             top_p=top_p, has_seed=seed is not None, seed=seed or 0,
+                             ignore_eos=bool(body.ignore_eos))
 
 
 def _outcome(status: int) -> str:
-    return {400: "bad_request", 404: "bad_request", 401: "unauthorized", 403: "forbidden", 429: "shed",
-            503: "unavailable"}.get(status, "error")
+    return outcome_of(status)

@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", required=True)
     p.add_argument("--redis-prefix", default="nitsum:")
     p.add_argument("--tiers", default=None, help="tiers file (JSON or .toml): tiers, API keys, service_tier map")
+    p.add_argument("--role-grace-s", type=float, default=15.0,
+                   help="requests wait (instead of 503) while a prefill/decode group or router that served "
+                        "this recently is being replaced (default 15)")
+    p.add_argument("--router-grace-s", type=float, default=10.0,
+                   help="a waiting request fails with 503 once no router has led, or Redis has been "
+                        "unreachable, this long (default 10)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(host=args.host, port=args.port, model=Path(args.model), model_name=args.model_name,
                          redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
-                         policy=TierPolicy.load(args.tiers))
+                         policy=TierPolicy.load(args.tiers), role_grace_s=args.role_grace_s,
+                         router_grace_s=args.router_grace_s)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from services.rpc import pb
 from services.tiers import Tier
 
 from .codec import TextCodec
-from .errors import ApiError
+from .errors import ApiError, internal, outcome_of
 from .protocol import DONE, ResponseShape
 from .textstream import TextAssembler
 from .upstream import Upstream
@@ -32,14 +32,14 @@ log = logging.getLogger("nitsum.gateway")
 
 class RequestRun:
     def __init__(self, upstream: Upstream, codec: TextCodec, metrics: GatewayMetrics, tier: Tier,
-                 queued: pb.QueuedRequest, shape: ResponseShape, stops: tuple[str, ...]) -> None:
+                 queued: pb.QueuedRequest, entry_id: str, shape: ResponseShape, stops: tuple[str, ...]) -> None:
         self.upstream = upstream
         self.metrics = metrics
         self.tier = tier
         self.queued = queued
         self.shape = shape
         self.assembler = TextAssembler(partial(codec.decode, skip_special_tokens=True), stops)
-        self._events = upstream.events(queued.request_id)
+        self._events = upstream.events(queued, entry_id)
         self.first_at: float | None = None
         self.last_at = 0.0
         self.completion_tokens = 0
@@ -78,7 +78,12 @@ class RequestRun:
         if event.finish_reason:
             self.finish_reason = event.finish_reason
 
-    def text_of(self, event: pb.TokenEvent) -> str:
+    def text_of(self, event: pb.TokenEvent, now: bool = True) -> str:
+        """The text this event makes final; with `now` False and no stop string to watch for,
+        the ids are only kept, to be decoded once at the end (a whole answer needs no pieces)."""
+        if not now and not self.assembler.watching:
+            self.assembler.keep(event.token_ids)
+            return ""
         text = self.assembler.add(event.token_ids)
         if self.assembler.stopped and not self.done:
             self.finish_reason = "stop"
@@ -104,16 +109,20 @@ class RequestRun:
 
 
 async def collect(run: RequestRun, first: pb.TokenEvent, headers: dict[str, str]) -> Response:
-    pieces = [run.text_of(first)]
+    pieces = [run.text_of(first, now=False)]
     try:
         while not run.done:
             event = await run.next_event()
             if event is None:
                 break
-            pieces.append(run.text_of(event))
+            pieces.append(run.text_of(event, now=False))
     except ApiError as e:
-        run.record("error")
+        run.record(outcome_of(e.status))
         return e.response(run.tier.name)
+    except Exception:
+        log.exception("request %s failed", run.request_id)
+        run.record("error")
+        return internal(run.request_id).response(run.tier.name)
     finally:
         if not run.done:  # cancelled (client gone) or failed: free the request upstream
             run.upstream.cancel(run.request_id)
@@ -144,8 +153,14 @@ async def _sse_events(run: RequestRun, first: pb.TokenEvent, include_usage: bool
         run.record("ok")
     except ApiError as e:
         finished = True
-        run.record("error")
+        run.record(outcome_of(e.status))
         yield e.sse()
+        yield DONE
+    except Exception:  # our fault, mid-stream: the client still gets an error event, not a cut stream
+        log.exception("request %s failed mid-stream", run.request_id)
+        finished = True
+        run.record("error")
+        yield internal(run.request_id).sse()
         yield DONE
     finally:
         if finished:

@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 import torch
 
+from kvtransfer.agent import set_agent_host
 from kvtransfer.base import KVHandoff, TransferState
 from kvtransfer.grpc_backend import GrpcKVBackend
 from services.cluster import ClusterClient, SlotRecord
@@ -142,6 +143,7 @@ class Slot(pb_grpc.SlotControlServicer):
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
         self.address = f"{self.config.host}:{port}"
+        set_agent_host(self.config.host)  # where peers write this slot's KV (socket backend)
         if self.config.metrics_port:
             from prometheus_client import start_http_server
             start_http_server(self.config.metrics_port, self.config.host, registry=self.metrics.registry)
@@ -250,7 +252,8 @@ class Slot(pb_grpc.SlotControlServicer):
     async def _park(self, handoff: KVHandoff) -> None:
         self.parked.append(handoff)
         await self.cluster.emit(handoff.request.request_id,
-                                pb.TokenEvent(time_s=time.time(), next_group=self.config.slot_id))
+                                pb.TokenEvent(time_s=time.time(), next_group=self.config.slot_id,
+                                              attempt=handoff.request.attempt))
 
     async def _verb_release(self, args: dict[str, Any]) -> dict[str, Any]:
         await self._release()
@@ -293,7 +296,7 @@ class Slot(pb_grpc.SlotControlServicer):
         if len(participants) > 1:
             group = await asyncio.to_thread(TPGroup, self._store(args["store"]), args["prefix"],
                                             participants.index(me), len(participants), self.device,
-                                            self.config.dist_timeout_s)
+                                            self.config.dist_timeout_s, self.config.host)
         if self.runner is not None:
             self.runner.model.drop_packed()  # the shard is re-cut; only its plain bytes are read
         views = self.runner.model.shard_views() if self.runner is not None else None
@@ -361,7 +364,7 @@ class Slot(pb_grpc.SlotControlServicer):
         group = None
         if a.tp > 1:
             group = await asyncio.to_thread(TPGroup, self._store(args["store"]), args["prefix"], a.rank, a.tp,
-                                            self.device, self.config.dist_timeout_s)
+                                            self.device, self.config.dist_timeout_s, self.config.host)
         prepared, self.prepared = self.prepared, None  # one from an abandoned attempt is dropped too
         if prepared is not None and prepared[0] == layout:
             self.runner = prepared[1]  # the old shard is no longer needed
@@ -421,6 +424,9 @@ class Slot(pb_grpc.SlotControlServicer):
                 sender.send(handoff)
                 if await sender.wait() is TransferState.DONE:
                     log.info("handed parked %s to %s", handoff.request.request_id, group_id)
+                    await self.cluster.emit(handoff.request.request_id,
+                                            pb.TokenEvent(time_s=time.time(), next_group=group_id,
+                                                          attempt=handoff.request.attempt))
                     moved += 1
                     break
             else:

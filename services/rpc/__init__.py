@@ -3,4 +3,16 @@
 from . import nitsum_pb2 as pb
 from . import nitsum_pb2_grpc as pb_grpc
 
-__all__ = ["pb", "pb_grpc"]
+__all__ = ["engine_id", "pb", "pb_grpc", "request_of"]
+
+
+def engine_id(request: pb.QueuedRequest) -> str:
+    """The id a group's engine knows this attempt of the request by. A request resumed after its
+    group died (attempt > 0) may meet an older attempt of itself still running on a group that was
+    only slow: the two never collide."""
+    return request.request_id if request.attempt == 0 else f"{request.request_id}#{request.attempt}"
+
+
+def request_of(engine_request_id: str) -> str:
+    """The client's request id of an engine id (see `engine_id`)."""
+    return engine_request_id.split("#", 1)[0]

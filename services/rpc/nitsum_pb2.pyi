@@ -44,18 +44,22 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "tier", "arrival_s", "prompt_ids", "sampling")
+    __slots__ = ("request_id", "tier", "arrival_s", "prompt_ids", "sampling", "attempt", "resume_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tier: str
     arrival_s: float
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., arrival_s: _Optional[float] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    attempt: int
+    resume_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., arrival_s: _Optional[float] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., attempt: _Optional[int] = ..., resume_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("kind", "message", "retry_after_s")
@@ -68,20 +72,24 @@ class Error(_message.Message):
     def __init__(self, kind: _Optional[_Union[ErrorKind, str]] = ..., message: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "error", "time_s", "prompt_tokens", "next_group")
+    __slots__ = ("token_ids", "finish_reason", "error", "time_s", "prompt_tokens", "next_group", "index", "attempt")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TIME_S_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEXT_GROUP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     error: Error
     time_s: float
     prompt_tokens: int
     next_group: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., time_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., next_group: _Optional[str] = ...) -> None: ...
+    index: int
+    attempt: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., time_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., next_group: _Optional[str] = ..., index: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request", "decode_group", "decode_address", "epoch")
@@ -202,16 +210,14 @@ class ReserveKVReply(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., tp: _Optional[int] = ..., agent_metadata: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CommitKVRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "output_ids", "rng_state")
+    __slots__ = ("request_id", "transfer_id", "output_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
-    RNG_STATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: str
     output_ids: _containers.RepeatedScalarFieldContainer[int]
-    rng_state: bytes
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., rng_state: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitKVReply(_message.Message):
     __slots__ = ("error",)

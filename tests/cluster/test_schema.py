@@ -132,12 +132,33 @@ def test_cancel_is_seen_live_and_later(redis_server: RedisServer) -> None:
     run(body())
 
 
-def test_only_the_first_prefill_claim_of_a_request_wins(redis_server: RedisServer) -> None:
+def test_only_the_first_prefill_claim_of_an_attempt_wins(redis_server: RedisServer) -> None:
     async def body() -> None:
         c = await _client(redis_server)
-        assert await c.claim_prefill("q1", "p0")
-        assert not await c.claim_prefill("q1", "p1")  # a second dispatch, to any group
-        assert await c.claim_prefill("q2", "p1")
+        assert await c.claim_prefill("q1", 0, "p0")
+        assert not await c.claim_prefill("q1", 0, "p1")  # a second dispatch of attempt 0, to any group
+        assert await c.claim_prefill("q2", 0, "p1")
+        assert await c.claim_prefill("q1", 1, "p1")  # q1 resumed after p0 died: a new attempt
+        assert await c.prefill_claimed("q1", 1) and not await c.prefill_claimed("q2", 1)
+        await c.close()
+    run(body())
+
+
+def test_the_ledger_follows_a_request_from_dispatch_to_its_last_event(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        c = await _client(redis_server)
+        await c.ensure_queues(["batch"])
+        q = pb.QueuedRequest(request_id="r1", tier="batch", prompt_ids=[1, 2])
+        await c.enqueue(q)
+        [entry] = await c.read_queues("router-a", ["batch"], 10, 100)
+        await c.record_dispatch(entry.request, "p0", entry)
+        assert await c.queue_depth("batch") == 0  # off the stream, in one transaction
+        assert await c.holders() == {"r1": "p0"} and (await c.inflight_request("r1")) == q
+        await c.emit("r1", pb.TokenEvent(token_ids=[7], next_group="d0"))
+        assert await c.holders() == {"r1": "d0"}  # the prefill leader named the decode group
+        await c.emit("r1", pb.TokenEvent(token_ids=[8], index=1, finish_reason="length"))
+        assert await c.holders() == {} and not await c.is_inflight("r1")
+        assert [list(e.token_ids) for e in await c.output_events("r1")] == [[7], [8]]
         await c.close()
     run(body())
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -33,15 +34,20 @@ def _client(mesh: Mesh, key: str = "sk-e2e") -> openai.OpenAI:
 PREFILL, DECODE, DECODE_SLOT = "p0-e1", "d1-e1", "slot1"
 
 
+ROUTERS = ("router0", "router1")  # `nitsum up` runs a leader and a standby
+
+
 @contextmanager
-def paused(mesh: Mesh, name: str) -> Iterator[None]:
-    """SIGSTOP one of the mesh's processes (a hung service), SIGCONT it afterwards."""
-    pid = next(p.pid for n, p in mesh.procs if n == name)
-    os.kill(pid, signal.SIGSTOP)
+def paused(mesh: Mesh, *names: str) -> Iterator[None]:
+    """SIGSTOP some of the mesh's processes (hung services), SIGCONT them afterwards."""
+    pids = [mesh.pid(name) for name in names]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def _error(exc: openai.APIStatusError, status: int) -> dict:
@@ -142,7 +148,7 @@ def test_429_while_the_tier_queue_is_full(mesh: Mesh) -> None:
             return r.choices[0].finish_reason or ""
 
     async def scenario() -> str:
-        with paused(mesh, "router"):  # nobody takes from the queue: the first request waits in it
+        with paused(mesh, *ROUTERS):  # nobody takes from the queue: the first request waits in it
             first = asyncio.ensure_future(waiting_request())
             await asyncio.sleep(0.5)
             with pytest.raises(openai.RateLimitError) as e:
@@ -156,43 +162,41 @@ def test_429_while_the_tier_queue_is_full(mesh: Mesh) -> None:
     assert asyncio.run(scenario()) == "length"
 
 
-def test_503_while_no_decode_group_is_ready_then_recovers(mesh: Mesh) -> None:
+def test_while_no_decode_group_is_ready_health_says_so_and_requests_wait(mesh: Mesh) -> None:
+    """A decode group that stops (its lease expires) is reported by /health at once; requests
+    meanwhile wait in their queue (the group may be restarting) and are served once it is back."""
     client = _client(mesh)
     with paused(mesh, DECODE_SLOT):  # its heartbeats stop; the lease (3 s) expires
         deadline = time.monotonic() + 10
         while httpx.get(f"{mesh.url}/health").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        with pytest.raises(openai.APIStatusError) as e:
-            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        assert _error(e.value, 503)["code"] == "no_group_ready"
-        assert int(e.value.response.headers["Retry-After"]) >= 1
+        health = httpx.get(f"{mesh.url}/health")
+        assert health.status_code == 503 and health.json()["missing"] == ["decode"]
+        waiting = ThreadPoolExecutor(1).submit(client.completions.create, model="tiny", prompt="hi", max_tokens=2)
+        time.sleep(1.0)
+        assert not waiting.done()
+    assert waiting.result(timeout=30).usage.completion_tokens == 2
     deadline = time.monotonic() + 10
     while httpx.get(f"{mesh.url}/health").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert httpx.get(f"{mesh.url}/health").status_code == 200
 
 
-def test_decode_group_dying_mid_decode_fails_the_request_fast(mesh: Mesh) -> None:
-    """Tokens are streaming from the decode group when it hangs: the client gets an error once the
-    group's lease expires, not a wait for the 600 s request timeout."""
-    client = _client(mesh)
-    stream = client.completions.create(model="tiny", prompt="hello", max_tokens=450, stream=True,
+def test_a_decode_group_hanging_mid_stream_loses_no_token(mesh: Mesh, reference) -> None:  # type: ignore[no-untyped-def]
+    """Tokens are streaming from the only decode group when it hangs: its lease expires, the router
+    resumes the request from the tokens the client has, and once a decode group is back the stream
+    goes on; the text equals an unfaulted run's, with no token repeated or lost."""
+    client, tok = _client(mesh), reference.tokenizer
+    prompt = "hello"
+    want = tok.decode(reference(tok.encode(prompt), 120))
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=120, stream=True, temperature=0,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)
-    for _ in range(5):  # the first comes from prefill, the rest from the decode group
-        next(chunks)
+    got = [next(chunks).choices[0].text for _ in range(5)]  # the first from prefill, the rest from decode
     with paused(mesh, DECODE_SLOT):
-        paused_at = time.monotonic()
-        with pytest.raises(openai.APIError) as e:
-            for _ in chunks:
-                pass
-        waited = time.monotonic() - paused_at
-    assert f"{DECODE} stopped answering" in str(e.value.message)
-    assert waited < 15, f"took {waited:.1f}s"
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{mesh.url}/health").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        time.sleep(4.5)  # past its lease: the request is taken back and waits for a decode group
+    got += [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(got) == want
 
 
 def _group_address(mesh: Mesh, group_id: str) -> str:
@@ -259,7 +263,7 @@ def test_client_leaving_while_queued_drops_the_request(mesh: Mesh) -> None:
                     if line.startswith('nitsum_requests_total{outcome="cancelled",tier="batch"}'))
 
     before = cancelled()
-    with paused(mesh, "router"):
+    with paused(mesh, *ROUTERS):
         with pytest.raises(httpx.ReadTimeout):  # the client gives up while its request is queued
             httpx.post(f"{mesh.url}/v1/completions", json={"model": "tiny", "prompt": "never mind", "max_tokens": 4},
                        headers={"Authorization": "Bearer sk-e2e", "X-Nitsum-Tier": "batch"}, timeout=1.0)

@@ -19,7 +19,7 @@ import pytest
 
 from services.engine.tokenizer import Tokenizer
 from services.launch import Mesh
-from tests.e2e.helpers import admin
+from tests.e2e.helpers import admin, wait_for
 from tests.engine.conftest import reference  # noqa: F401  (transformers' greedy ids)
 
 PLANS = ["p2,d2", "p1,d1,d2", "p2,d1,d1", "p1,p1,d2"]
@@ -209,7 +209,8 @@ def test_a_slot_dying_mid_switch_rolls_back_and_loses_no_request(tiny_model_dir:
     """Slot 1 dies while p1,p1,d2 is re-cut into p2,d2 (at its second reshard: the first was
     start-up). The new plan lost a slot and has no prefill group left, so the orchestrator rolls
     back to the old plan without the dead slot (p1 on slot 0, d2 kept serving); streams that
-    were running all finish with the right text and the cluster keeps serving."""
+    were running all finish with the right text and the cluster keeps serving. `nitsum up`
+    restarts the slot, and the orchestrator brings back the old plan, which stays the target."""
     from services.launch import LaunchConfig
 
     root = tmp_path_factory.mktemp("mesh-fault")
@@ -233,10 +234,13 @@ def test_a_slot_dying_mid_switch_rolls_back_and_loses_no_request(tiny_model_dir:
         report = doc["report"]
         assert report["result"] == "rolled_back" and report["plan"] == "p1@0,d2@2-3", report
         assert "slot" in doc["error"]["message"]
-        shown = admin(m, "GET", "/admin/plan")[1]
-        assert [(g["role"], g["slots"]) for g in shown["groups"]] == [("prefill", [0]), ("decode", [2, 3])]
-        assert 1 not in [s["index"] for s in shown["slots"]]
-        assert next(p for n, p in m.procs if n == "slot1").wait(timeout=10) == 70
+        history = admin(m, "GET", "/admin/reconfigurations")[1]["reconfigurations"]
+        assert history[-1]["plan"] == "p1@0,d2@2-3" and history[-1]["result"] == "rolled_back"
+        wait_for(lambda: _groups(m) == [("prefill", [0]), ("prefill", [1]), ("decode", [2, 3])], 60,
+                 "the restarted slot 1 back in the old plan")
+        assert m.restarts("slot1") == 1 and "NITSUM_SLOT_FAULT=reshard:2: exiting now" in m.log_tail("slot1", 100_000)
+        wait_for(lambda: admin(m, "GET", "/admin/reconfigurations")[1]["reconfigurations"][-1]["result"] == "restored",
+                 30, "the restore's report")
     from services.engine import EngineArgs, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineArgs(model=str(tiny_model_dir)))
@@ -247,27 +251,38 @@ def test_a_slot_dying_mid_switch_rolls_back_and_loses_no_request(tiny_model_dir:
     assert texts == want
 
 
-def test_a_slot_dying_while_serving_is_planned_around(tiny_model_dir: Path,
-                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+def _groups(m: Mesh) -> list[tuple[str, list[int]]]:
+    try:
+        shown = admin(m, "GET", "/admin/plan")[1]
+    except OSError:  # the admin API moves with the router's lead
+        return []
+    return [(g["role"], g["slots"]) for g in shown.get("groups", [])]
+
+
+def test_a_slot_dying_while_serving_is_planned_around_and_back(tiny_model_dir: Path,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     """The orchestrator watches the slots: one decode slot of p1,d1,d1 is killed; the cluster
-    re-plans to the other two groups by itself and keeps serving."""
+    re-plans to the other two groups by itself, `nitsum up` restarts the slot, and the cluster goes
+    back to the plan it was given, serving throughout."""
     import os
     import signal
-    import time
 
     from services.launch import LaunchConfig
 
     root = tmp_path_factory.mktemp("mesh-heal")
     config = LaunchConfig(model=tiny_model_dir, plan="p1,d1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120)
+    full = [("prefill", [0]), ("decode", [1]), ("decode", [2])]
     with Mesh(config) as m:
-        os.kill(next(p.pid for n, p in m.procs if n == "slot2"), signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        shown = admin(m, "GET", "/admin/plan")[1]
-        while shown["plan"] != "p1,d1" and time.monotonic() < deadline:
-            time.sleep(0.5)
-            shown = admin(m, "GET", "/admin/plan")[1]
-        assert shown["plan"] == "p1,d1", shown
-        history = admin(m, "GET", "/admin/reconfigurations")[1]["reconfigurations"]
-        assert history[-1]["result"] == "healed" and "[2]" in history[-1]["error"]
+        wait_for(lambda: _groups(m) == full, 60, "every group of p1,d1,d1 serving")
+        os.kill(m.pid("slot2"), signal.SIGKILL)
         client = openai.OpenAI(base_url=f"{m.url}/v1", api_key="any", max_retries=0, timeout=60)
         assert client.completions.create(model="tiny", prompt="still here", max_tokens=5).usage.completion_tokens == 5
+
+        def results() -> list[dict[str, Any]]:
+            return admin(m, "GET", "/admin/reconfigurations")[1]["reconfigurations"]
+
+        wait_for(lambda: [r["result"] for r in results()][-2:] == ["healed", "restored"], 60, "heal, then restore")
+        healed = results()[-2]
+        assert healed["plan"] == "p1,d1" and "[2]" in healed["error"]
+        assert _groups(m)[:1] == [("prefill", [0])] and sorted(_groups(m)) == sorted(full) and m.restarts("slot2") == 1
+        assert client.completions.create(model="tiny", prompt="back", max_tokens=5).usage.completion_tokens == 5

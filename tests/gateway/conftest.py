@@ -39,10 +39,12 @@ class Mesh:
         return asyncio.run(body())
 
     def ready(self, max_model_len: int = 512) -> None:
+        """A prefill and a decode group registered, and a router leading (the gateway needs all three)."""
         async def reg(c: ClusterClient) -> None:
             for gid, role in (("p0", "prefill"), ("d0", "decode")):
                 await c.heartbeat_group(GroupRecord(gid, role, 1, 0, "127.0.0.1:1", max_model_len=max_model_len),
                                         lease_ms=60_000)
+            await c.hold_leader("test-router", 60_000)
         self.run(reg)
 
     def queued(self, tier: str) -> list[pb.QueuedRequest]:
@@ -70,7 +72,7 @@ class Responder:
                 await c.ack(e)
                 for i, t in enumerate(self.tokens):
                     last = i == len(self.tokens) - 1
-                    await c.emit(e.request.request_id, pb.TokenEvent(token_ids=[t],
+                    await c.emit(e.request.request_id, pb.TokenEvent(token_ids=[t], index=i,
                                                                      finish_reason=self.finish if last else ""))
         await c.close()
 

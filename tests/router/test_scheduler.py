@@ -115,3 +115,24 @@ def test_a_late_request_takes_only_an_idle_group() -> None:
     d = schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, late, (busy, idle)))
     assert [(x.request_id, x.prefill_group) for x in d.dispatch] == [("late", "idle")]
     assert not schedule(SchedulerSnapshot(10.0, DEFAULT_TIERS, late, (busy,))).dispatch
+
+
+def test_the_lowest_tier_leaves_a_share_of_decode_slots_to_the_others() -> None:
+    """A batch flood fills at most `background_share` of a decode group's batch; an interactive
+    request arriving after it still finds a place."""
+    groups = (group("p", role="prefill"), group("d", role="decode", max_running=8))
+    flood = tuple(q(f"b{i}", "batch", 0.0, prompt=4, out=4) for i in range(20))
+    assert len(schedule(SchedulerSnapshot(0.1, DEFAULT_TIERS, flood, groups)).dispatch) == 6  # 0.75 of 8
+    busy = (group("p", role="prefill"), group("d", role="decode", running=6, max_running=8))
+    d = schedule(SchedulerSnapshot(0.2, DEFAULT_TIERS, (*flood[6:], q("i", "interactive", 0.2, prompt=4, out=4)), busy))
+    assert order(d) == ["i"]
+    alone = schedule(SchedulerSnapshot(0.1, (DEFAULT_TIERS[2],), flood, groups))
+    assert len(alone.dispatch) == 8  # one tier only: nothing to leave room for
+
+
+def test_a_prefill_group_takes_at_most_its_window_and_the_rest_wait_in_tier_order() -> None:
+    pre = GroupState("p", "prefill", 1, 0, 16, 0, 0, queued_tokens=0, queued_requests=3, max_queued_requests=4)
+    groups = (pre, group("d", role="decode"))
+    queued = (q("b1", "batch", 0.0, prompt=4), q("b2", "batch", 0.0, prompt=4), q("i", "interactive", 0.5, prompt=4))
+    d = schedule(SchedulerSnapshot(0.6, DEFAULT_TIERS, queued, groups))
+    assert order(d) == ["i"]  # one place left in the window, and it goes to the interactive request

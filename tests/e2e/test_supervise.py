@@ -1,0 +1,61 @@
+"""`nitsum up`'s supervisor, on real child processes: a child that dies is started again after a
+backoff, counted, and given up on after too many deaths in a row; stopping stops everything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from services.supervise import RestartPolicy, Supervisor
+from tests.e2e.helpers import wait_for
+
+
+def _starter(code: str) -> object:
+    return lambda: subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_dying_child_is_restarted_counted_and_given_up_on() -> None:
+    counted: list[tuple[str, int | None]] = []
+    sup = Supervisor(RestartPolicy(backoff_s=0.05, max_backoff_s=0.2, max_restarts=3, window_s=60),
+                     on_restart=lambda name, status: counted.append((name, status)))
+    sup.add("steady", _starter("import time; time.sleep(60)"))  # type: ignore[arg-type]
+    crashy = sup.add("crashy", _starter("raise SystemExit(3)"))  # type: ignore[arg-type]
+    sup.watch(period_s=0.02)
+    try:
+        wait_for(lambda: crashy.given_up, 20, "the crashing child to be given up on")
+        assert crashy.restarts == 3 and counted == [("crashy", 3)] * 3
+        assert sup.get("steady").alive and sup.get("steady").restarts == 0
+        assert [name for name, _ in sup.dead()] == ["crashy"]
+    finally:
+        steady = sup.get("steady").proc
+        sup.stop_all(timeout_s=5)
+    assert steady is not None and steady.poll() is not None
+
+
+def test_a_killed_child_comes_back_with_a_new_pid() -> None:
+    sup = Supervisor(RestartPolicy(backoff_s=0.05))
+    child = sup.add("worker", _starter("import time; time.sleep(60)"))  # type: ignore[arg-type]
+    sup.watch(period_s=0.02)
+    try:
+        first = child.proc
+        assert first is not None
+        first.kill()
+        wait_for(lambda: child.restarts == 1 and child.alive, 10, "the restart")
+        assert child.proc is not None and child.proc.pid != first.pid
+    finally:
+        sup.stop_all(timeout_s=5)
+    time.sleep(0.1)
+    assert not child.alive
+
+
+def test_a_usage_error_is_not_restarted() -> None:
+    """Status 2 is a command's one-line usage or configuration error: restarting cannot fix it."""
+    sup = Supervisor(RestartPolicy(backoff_s=0.01))
+    child = sup.add("misconfigured", _starter("raise SystemExit(2)"))  # type: ignore[arg-type]
+    sup.watch(period_s=0.02)
+    try:
+        wait_for(lambda: child.given_up, 10, "the child to be given up on")
+        assert child.restarts == 0 and child.last_status == 2
+    finally:
+        sup.stop_all(timeout_s=5)
