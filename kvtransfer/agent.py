@@ -233,16 +233,27 @@ class BlockTransferAgent(ABC):
     def close(self) -> None: ...
 
 
+_agent_host = "127.0.0.1"
+
+
+def set_agent_host(host: str) -> None:
+    """The address this process's socket agents listen on and publish: the slot's own (`--host`).
+    Process-wide because a group's follower ranks open their agents from a broadcast message,
+    which cannot carry each rank's address."""
+    global _agent_host
+    _agent_host = host
+
+
 def make_agent(kind: BackendKind, name: str, cache: torch.Tensor) -> BlockTransferAgent:
     """The agent for `kind`; `auto` is NIXL where it imports and passes a self-test, else local."""
     from .local_backend import LocalAgent
 
     if kind == "local":
-        return LocalAgent(name, cache)
+        return LocalAgent(name, cache, _agent_host)
     from . import nixl_backend
 
     if kind == "nixl" or nixl_backend.nixl_works():
         log.info("kvtransfer: agent %s uses the nixl backend", name)
         return nixl_backend.NixlAgent(name, cache)
     log.info("kvtransfer: agent %s uses the local (socket) backend: NIXL unavailable", name)
-    return LocalAgent(name, cache)
+    return LocalAgent(name, cache, _agent_host)

@@ -8,6 +8,7 @@ TCPStore under different prefixes.
 
 from __future__ import annotations
 
+import os
 import pickle
 from datetime import timedelta
 from typing import Any
@@ -28,11 +29,25 @@ def make_store(addr: str, is_master: bool, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, None, is_master, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def gloo_group(store: dist.Store, rank: int, size: int, timeout: timedelta, host: str | None) -> Any:
+    """A gloo process group whose transport binds `host`, the address peers reach this process at
+    (a slot's --host). Left to itself gloo binds what the machine's hostname resolves to (often
+    127.0.0.1, which a peer on another host cannot reach); that stays the behaviour without a host
+    and wherever GLOO_SOCKET_IFNAME names the interfaces."""
+    if not host or host in ("0.0.0.0", "::") or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # missing from torch's stubs
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    opts._timeout = timeout
+    opts._threads = 2  # what the constructor above gives one device
+    return dist.ProcessGroupGloo(store, rank, size, opts)
+
+
 class TPGroup:
     """The collectives the engine needs, over one process group of `size` ranks."""
 
     def __init__(self, store: dist.Store, prefix: str, rank: int, size: int, device: torch.device,
-                 timeout_s: float) -> None:
+                 timeout_s: float, host: str | None = None) -> None:
         self.rank, self.size, self.device = rank, size, device
         self.store = dist.PrefixStore(prefix, store)
         timeout = timedelta(seconds=timeout_s)
@@ -41,7 +56,7 @@ class TPGroup:
             opts._timeout = timeout
             self.pg: Any = dist.ProcessGroupNCCL(self.store, rank, size, opts)
         else:
-            self.pg = dist.ProcessGroupGloo(self.store, rank, size, timeout)
+            self.pg = gloo_group(self.store, rank, size, timeout, host)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         self.pg.allreduce([t]).wait()
