@@ -182,7 +182,8 @@ async def _serve(gw: Gateway, request: Request, chat: bool) -> Response:
         return e.response(tier)
     gw.metrics.prompt_tokens.labels(tier).inc(len(prompt_ids))
     run = RequestRun(gw.upstream, gw.codec, gw.metrics, gw.config.policy.tier(tier), queued, entry_id,
-                     ResponseShape(rid, gw.config.served_model_name, tier, chat), body.stops)
+                     ResponseShape(rid, gw.config.served_model_name, tier, chat, bool(body.return_token_ids)),
+                     body.stops)
     headers = {"X-Nitsum-Tier": tier, "X-Request-Id": rid}
     try:
         first = await _unless_gone(request, run.first_event())

@@ -53,6 +53,8 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
     ignore_eos: bool | None = Field(default=None, description="extension: do not stop at end-of-sequence")
+    return_token_ids: bool | None = Field(default=None, description="extension (as vLLM): each choice also "
+                                          "carries the ids of its tokens, `token_ids`")
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -201,18 +203,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class ResponseShape:
     """Builds OpenAI bodies and chunks for one request (completion or chat)."""
 
-    def __init__(self, request_id: str, model: str, tier: str, chat: bool) -> None:
+    def __init__(self, request_id: str, model: str, tier: str, chat: bool, token_ids: bool = False) -> None:
         self.id = request_id
         self.model = model
         self.tier = tier
         self.chat = chat
+        self.token_ids = token_ids  # return_token_ids: each choice carries its tokens' ids
         self.created = int(time.time())
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "service_tier": self.tier, "system_fingerprint": None}
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+             ids: list[int] | None = None) -> dict[str, Any]:
         if self.chat:
             body = self._envelope("chat.completion")
             body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -220,10 +224,13 @@ class ResponseShape:
         else:
             body = self._envelope("text_completion")
             body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        if self.token_ids:
+            body["choices"][0]["token_ids"] = list(ids or [])
         body["usage"] = usage(prompt_tokens, completion_tokens)
         return body
 
-    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:
+    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
+              ids: list[int] | None = None) -> bytes:
         if self.chat:
             body = self._envelope("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
@@ -233,6 +240,8 @@ class ResponseShape:
         else:
             body = self._envelope("text_completion")
             body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        if self.token_ids:
+            body["choices"][0]["token_ids"] = list(ids or [])
         return f"data: {json.dumps(body)}\n\n".encode()
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:

@@ -130,21 +130,21 @@ async def collect(run: RequestRun, first: pb.TokenEvent, headers: dict[str, str]
     run.upstream.forget(run.request_id)
     run.record("ok")
     body = run.shape.full("".join(pieces), run.finish_reason or "stop", len(run.queued.prompt_ids),
-                          run.completion_tokens)
+                          run.completion_tokens, run.assembler.ids)
     return Response(json.dumps(body), media_type="application/json", headers=headers)
 
 
 async def _sse_events(run: RequestRun, first: pb.TokenEvent, include_usage: bool) -> AsyncIterator[bytes]:
     finished = False
     try:
-        yield run.shape.chunk(run.text_of(first), first=True)
+        yield run.shape.chunk(run.text_of(first), first=True, ids=list(first.token_ids))
         while not run.done:
             event = await run.next_event()
             if event is None:
                 break
             # one chunk per token event, even when its text is held back or empty, so clients
             # can time tokens (TPOT) from the stream
-            yield run.shape.chunk(run.text_of(event))
+            yield run.shape.chunk(run.text_of(event), ids=list(event.token_ids))
         yield run.shape.chunk(run.assembler.finish(), finish_reason=run.finish_reason or "stop")
         if include_usage:
             yield run.shape.usage_chunk(len(run.queued.prompt_ids), run.completion_tokens)

@@ -76,3 +76,20 @@ def test_models_and_metrics_show_every_tier(gateway) -> None:  # type: ignore[no
         assert f'nitsum_ttft_seconds_count{{tier="{tier}"}}' in text
         assert f'nitsum_queue_depth{{tier="{tier}"}}' in text
     assert 'nitsum_group_tp_degree{group="d0",role="decode"} 1.0' in text
+
+
+def test_return_token_ids_gives_each_chunk_its_ids(gateway, codec, responder) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's `return_token_ids`: the ids of the tokens behind the text, streamed or whole (what a
+    client counts to see that no token was repeated or lost)."""
+    client, mesh = gateway
+    mesh.ready()
+    tokens = codec.encode("one two three four", add_special_tokens=False)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 9, "return_token_ids": True}
+    with responder(mesh, ("interactive", "standard", "batch"), tokens):
+        whole = client.post("/v1/completions", json=body).json()
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+        plain = client.post("/v1/completions", json={**body, "return_token_ids": False}).json()
+    assert whole["choices"][0]["token_ids"] == tokens
+    chunks = [json.loads(e) for e in _events(streamed.text)[:-1]]
+    assert [i for c in chunks if c["choices"] for i in c["choices"][0]["token_ids"]] == tokens
+    assert "token_ids" not in plain["choices"][0]
