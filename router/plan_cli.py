@@ -4,7 +4,9 @@
     nitsum plan apply PLAN [--router URL] [--admin-key KEY] [--json]
 
 PLAN is a file holding a plan as JSON (the schema in docs/plan.schema.json), `-` for standard
-input, or the compact form itself (`p2,d1,d1`). The key comes from --admin-key, else
+input, or the compact form itself (`p2,d1,d1`). --router takes several URLs, comma-separated (a
+router and its standbys): only the leading router serves the admin API, and the first that
+answers is used. The key comes from --admin-key, else
 $NITSUM_ADMIN_KEY, else .nitsum/admin-key (what `nitsum up` made). A plan the cluster cannot take
 is refused before anything changes, with the router's reason; exit 2.
 """
@@ -35,7 +37,8 @@ def register(plan_subparsers: Any) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=os.environ.get("NITSUM_ROUTER_URL", DEFAULT_ROUTER),
-                   help=f"the router's admin URL (default: $NITSUM_ROUTER_URL or {DEFAULT_ROUTER})")
+                   help=f"the router's admin URL, or several comma-separated: the leading one answers "
+                        f"(default: $NITSUM_ROUTER_URL or {DEFAULT_ROUTER})")
     p.add_argument("--admin-key", default=None, help="admin key (default: $NITSUM_ADMIN_KEY or .nitsum/admin-key)")
     p.add_argument("--json", action="store_true", help="print the router's JSON answer")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the router")
@@ -51,8 +54,20 @@ def _key(args: argparse.Namespace) -> str:
 
 
 def _call(args: argparse.Namespace, method: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """The first router of --router that answers (a standby does not serve the admin API)."""
+    urls = [u.strip() for u in args.router.split(",") if u.strip()]
+    for url in urls[:-1]:
+        try:
+            return _call_one(args, url, method, body)
+        except ConnectionError:
+            continue
+    return _call_one(args, urls[-1] if urls else DEFAULT_ROUTER, method, body)
+
+
+def _call_one(args: argparse.Namespace, url: str, method: str,
+              body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{args.router.rstrip('/')}/admin/plan", data=data, method=method,
+    req = urllib.request.Request(f"{url.rstrip('/')}/admin/plan", data=data, method=method,
                                  headers={"Authorization": f"Bearer {_key(args)}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as r:
@@ -64,7 +79,7 @@ def _call(args: argparse.Namespace, method: str, body: dict[str, Any] | None = N
             return e.code, {"error": {"message": f"HTTP {e.code} {e.reason}"}}
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise ConnectionError(f"cannot reach the router admin API at {args.router}: {reason} "
+        raise ConnectionError(f"cannot reach the router admin API at {url}: {reason} "
                               "(is `nitsum up` running? pass --router URL)") from e
 
 
