@@ -30,8 +30,9 @@ import torch
 
 from bench.migration import DEFAULT_MODEL
 from bench.migration import measure as measure_pause
-from kvtransfer.agent import BlockTransferState, make_agent
+from kvtransfer.agent import make_agent
 from kvtransfer.remap import BlockLayout, expand_plan, plan_transfer
+from kvtransfer.state import TransferState
 
 SMALL = BlockLayout(num_layers=12, local_kv_heads=4, block_size=16, head_dim=64, elem_size=2)
 TARGET_NIXL_VS_MEMCPY = 0.25
@@ -74,11 +75,11 @@ def bench_rank(backend: str, name: str, num_blocks: int, conn: Connection) -> No
                 t0 = time.perf_counter()
                 state = agent.send(peer, order.descs, f"bench-{i}", order.timeout_s).wait(0.0)
                 seconds.append(time.perf_counter() - t0)
-                if state is not BlockTransferState.DONE:
+                if state is not TransferState.DONE:
                     raise RuntimeError(f"transfer {i} ended {state.value}")
         else:
             for i in range(order.transfers):
-                if agent.receive(f"bench-{i}", order.timeout_s).wait() is not BlockTransferState.DONE:
+                if agent.receive(f"bench-{i}", order.timeout_s).wait() is not TransferState.DONE:
                     raise RuntimeError(f"receive {i} failed")
     except Exception as e:
         error = f"{type(e).__name__}: {e}"

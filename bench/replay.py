@@ -9,7 +9,7 @@ length), time its first token and the tokens after it, and judge it against its 
 Meanwhile a sampler polls the gateway's `/health` (the groups of the plan, with TP degree, role and
 epoch) and a progress line on stderr shows per-tier SLO attainment. At the end the gateway's
 `/metrics` counters are read again, so the summary can say whether the gateway counted the same
-requests. `bench.replay_plots` draws the figures; `services.replay_cli` is the command line.
+requests. `bench.replay_plots` draws the figures; `bench.replay_cli` is the command line.
 
 Bounds: only loopback URLs, at most `max_requests` requests, arrivals within `duration_s`, at
 most `max_concurrency` in flight, and a drain timeout after the last arrival.

@@ -4,7 +4,7 @@ streams every step's new tokens to the requests' output streams.
 Lifecycle of one request here: KV handoff arrives (kvtransfer receiver) -> add_prefilled (joins
 the batch at the next step) -> one event per step -> the event with finish_reason. Over the block
 path (this group's agents open): ReserveKV (blocks reserved, the ranks await the KV) -> the prefill
-ranks write it -> CommitKV (joins the batch) or ReleaseKV (blocks freed); kvtransfer/block_handoff.py. A cancelled
+ranks write it -> CommitKV (joins the batch) or ReleaseKV (blocks freed); kv_receive.py. A cancelled
 request is aborted at once, which frees its KV blocks and its place in the batch.
 """
 
@@ -13,27 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
-from kvtransfer.base import KVHandoff, TransferState
-from kvtransfer.block_handoff import BlockReceiver
-from kvtransfer.grpc_backend import GrpcKVBackend, GrpcKVReceiver
+from kvtransfer.base import KVHandoff
+from kvtransfer.grpc_backend import GrpcKVReceiver
 from services.config import NodeConfig
 from services.engine import BadRequestError, EngineError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, error, sampling_of
-from services.rpc import engine_id, pb, pb_grpc, request_of
+from services.node.frame import GroupLeader, sampling_of
+from services.rpc import engine_id, error, pb, pb_grpc, request_of
+
+from .kv_receive import BlockReceiver
+from .migration import Migrator
 
 log = logging.getLogger("nitsum.decode")
-
-
-@dataclass
-class DrainReport:
-    finished: int = 0  # requests that finished here during the drain
-    migrated: int = 0  # requests handed to a decode group that stays
-    parked: list[KVHandoff] = field(default_factory=list)  # taken out, waiting for the next epoch
 
 
 class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
@@ -45,7 +39,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self._active: set[str] = set()
         self._requests: dict[str, pb.QueuedRequest] = {}
         self._outbox: asyncio.Queue[list[tuple[str, pb.TokenEvent]] | asyncio.Future[None]] = asyncio.Queue()
-        self._sender: GrpcKVBackend | None = None
+        self.migrator = Migrator(self.cluster, config.kv_chunk_bytes)
         self.blocks: BlockReceiver | None = None  # the block path, once this group's agents are open
 
     def add_services(self, server: grpc.aio.Server) -> None:
@@ -61,8 +55,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
                                         self.config.kv_timeout_s)
 
     async def close(self) -> None:
-        if self._sender is not None:
-            await self._sender.close()
+        await self.migrator.close()
 
     async def _admit(self, handoff: KVHandoff) -> pb.Error | None:
         assert self.loop is not None and self.engine is not None
@@ -107,7 +100,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
                 continue
             if out.finished:
                 self._forget(out.request_id)
-            # next_group names this group on every event: it holds the request (router/recovery.py).
+            # next_group names this group on every event: it holds the request (router/live/recovery.py).
             batch.append((q.request_id, pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
                                                         time_s=now, next_group=self.config.group_id, index=out.index,
                                                         attempt=q.attempt)))
@@ -157,32 +150,28 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         await done
 
     # ---- reconfiguration -------------------------------------------------------------------
-    async def drain(self, finish_within: int, targets: list[tuple[str, str]], wait_s: float) -> DrainReport:
+    async def drain(self, command: pb.DrainCommand) -> tuple[pb.DrainResult, list[KVHandoff]]:
         """Empty this group for a reconfiguration. No new KV is admitted; a request within
         `finish_within` tokens of its end finishes here; every other one is taken out (KV of all
-        its tokens, its generated ids and sampler state) and handed to one of `targets` (decode
-        groups that stay: (group_id, address)), or returned as parked when none takes it, for the
-        next epoch's decode groups. Its stream continues without a repeated or lost token: the
-        events of the steps run here are written before the KV leaves."""
+        its tokens, its tokens and sampling parameters) and migrated to one of `targets` (decode
+        groups that stay), or returned to be parked when none takes it, for the next epoch's
+        decode groups. Its stream continues without a repeated or lost token: the events of the
+        steps run here are written before the KV leaves."""
         assert self.loop is not None and self.engine is not None
         engine = self.engine
         self.admitting = False
-        report = DrainReport()
         ids = list(self._active)
         left = await self.loop.call(lambda: {r: engine.remaining_tokens(r) for r in ids if r in engine.seqs})
-        taken = await self._take_out([r for r, n in left.items() if n > finish_within])
-        deadline = time.monotonic() + wait_s
+        taken = await self._take_out([r for r, n in left.items() if n > command.finish_within])
+        deadline = time.monotonic() + command.wait_s
         while self._active and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         taken += await self._take_out(list(self._active))  # overran the wait: move them too
-        report.finished = len(left) - len(taken)
         await self.flush_events()
-        for handoff in taken:
-            if await self._send_to(handoff, targets):
-                report.migrated += 1
-            else:
-                report.parked.append(handoff)
-        return report
+        targets = [(t.group_id, t.address) for t in command.targets]
+        parked = [h for h in taken if not await self.migrator.send(h, targets)]
+        return pb.DrainResult(finished=len(left) - len(taken), migrated=len(taken) - len(parked),
+                              parked=len(parked)), parked
 
     async def _take_out(self, ids: list[str]) -> list[KVHandoff]:
         assert self.loop is not None and self.engine is not None
@@ -199,22 +188,6 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
             out.append(KVHandoff(q, tuple(output_ids), kv, self.config.epoch))
         return out
 
-    async def _send_to(self, handoff: KVHandoff, targets: list[tuple[str, str]]) -> bool:
-        """Hand one taken-out request to the first target that admits it."""
-        if self._sender is None:
-            self._sender = GrpcKVBackend(self.config.kv_chunk_bytes)
-        for group_id, address in targets:
-            sender = self._sender.sender(address)
-            sender.send(handoff)
-            if await sender.wait() is TransferState.DONE:
-                log.info("migrated %s to %s (%d tokens of KV)", handoff.request.request_id, group_id,
-                         handoff.kv.num_tokens)
-                await self.cluster.emit(handoff.request.request_id,
-                                        pb.TokenEvent(time_s=time.time(), next_group=group_id,
-                                                      attempt=handoff.request.attempt))
-                return True
-        return False
-
     async def on_cancel(self, request_id: str) -> None:
         for eid in [e for e in self._active if request_of(e) == request_id]:
             await self._abort(eid)
@@ -227,7 +200,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self._forget(eid)
         await self.loop.call(self.engine.abort, eid)
 
-    # ---- the block path (kvtransfer/block_handoff.py) -------------------------------------------
+    # ---- the block path (kv_receive.py, prefill_node/kv_send.py) -------------------------------------------
     async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVReply:  # noqa: N802
         q = request.request
         if self.blocks is None:

@@ -5,12 +5,12 @@ Lifecycle on the prefill side: `sender = backend.sender(decode_address)`, `sende
 returns at once; `poll()` says PENDING -> TRANSFERRING -> DONE | FAILED without blocking
 (`wait()` awaits the end). On the decode side the receiver hands each complete handoff to the
 node (`on_arrival`), whose answer (None, or an error) goes back to the sender; `poll(request_id)`
-says where a given request's KV stands.
+says where a given request's KV stands (`kvtransfer.state.TransferState`, the one state of both
+KV paths; importable from here too).
 """
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from services.engine import KVExport
 from services.rpc import pb
 
+from .state import TransferState
 
-class TransferState(enum.Enum):
-    PENDING = "pending"
-    TRANSFERRING = "transferring"
-    DONE = "done"
-    FAILED = "failed"
+__all__ = ["ArrivalHandler", "KVBackend", "KVHandoff", "KVReceiver", "KVSender", "TransferState"]
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,12 @@
 the destination ranks that own them (`kvtransfer.remap`), through its own agent (`agent.py`);
 nothing is gathered through the leader.
 
-The leader (rank 0, holding the `LLMEngine`) drives its group with worker messages
-(`services.engine.worker`: OpenKVAgent, SendKVBlocks, ReceiveKVBlocks); every rank runs its part
-(`RankAgent.run`) and the group agrees on the outcome with one all-gather of a status byte.
+The leader (rank 0, holding the `LLMEngine`) drives its group with the messages defined here
+(OpenKVAgent, SendKVBlocks, ReceiveKVBlocks), which importing this module registers as follower
+handlers (`services.engine.worker.register_handler`); every rank runs its part (`RankAgent.run`)
+and the group agrees on the outcome with one all-gather of a status byte. The engine is used only
+through its KV API (`services.engine.kv_io`): its cache, its group's broadcast and all-gather, and
+a request's reservation, block ids and computed tokens.
 
 Lifecycle of one hand-off, prefill group P (TP a) -> decode group D (TP b):
 1. Once per group: `open_agents(engine, kind, name)` on both -> each rank's published metadata.
@@ -30,14 +33,35 @@ import torch
 
 from services.engine import LLMEngine, SamplingParams
 from services.engine.errors import EngineError
-from services.engine.worker import OpenKVAgent, ReceiveKVBlocks, SendKVBlocks
+from services.engine.worker import RankContext, register_handler
 
-from .agent import AgentInfo, BlockTransfer, BlockTransferAgent, BlockTransferState, make_agent
+from .agent import make_agent
+from .agent_base import AgentInfo, BlockTransfer, BlockTransferAgent
 from .faults import maybe_die
 from .remap import BlockLayout, expand_plan, plan_transfer
+from .state import TransferState
 
 log = logging.getLogger(__name__)
 AllGather = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+# Every rank moves its own heads: the leader broadcasts these, each follower's handler runs its part.
+@dataclass
+class OpenKVAgent:
+    kind: str  # "auto" | "nixl" | "local"
+    name: str  # the group's agent name; each rank appends "-r<rank>"
+
+
+@dataclass
+class SendKVBlocks:
+    pairs: list[tuple[int, int, bytes, str, np.ndarray]]  # (src rank, dst rank, dst metadata, id, descriptors)
+    timeout_s: float
+
+
+@dataclass
+class ReceiveKVBlocks:
+    pairs: list[tuple[int, str]]  # (dst rank, transfer id) of every piece this group receives
+    timeout_s: float
 
 
 def pair_id(transfer_id: str, src_rank: int, dst_rank: int) -> str:
@@ -70,11 +94,11 @@ class RankAgent:
             maybe_die("kv-receive")
         while True:
             states = [t.poll() for t in transfers]
-            if BlockTransferState.FAILED in states or all(s.finished for s in states):
+            if TransferState.FAILED in states or all(s.finished for s in states):
                 break
             self.agent.progress()
             time.sleep(0.0002)
-        if all(s is BlockTransferState.DONE for s in states):
+        if all(s is TransferState.DONE for s in states):
             return True
         for t in transfers:
             t.cancel()
@@ -114,9 +138,12 @@ def gather_bytes(group_all_gather: AllGather, data: bytes) -> list[bytes]:
 
 def all_ok(engine: LLMEngine, ok: bool) -> bool:
     """True on every rank only if `ok` on every rank."""
-    if engine.group is None:
-        return ok
-    return all(bool(t.item()) for t in engine.group.all_gather(torch.tensor([int(ok)], dtype=torch.uint8)))
+    return all(bool(t.item()) for t in engine.all_gather(torch.tensor([int(ok)], dtype=torch.uint8)))
+
+
+def backend_of(engine: LLMEngine) -> str:
+    """The block backend of the engine's open agents ("nixl" | "local"), "" when none are open."""
+    return str(engine.kv_agent.agent.backend_name) if engine.kv_agent is not None else ""
 
 
 def open_agents(engine: LLMEngine, kind: str, name: str) -> list[bytes]:
@@ -124,11 +151,10 @@ def open_agents(engine: LLMEngine, kind: str, name: str) -> list[bytes]:
     Raises EngineError (the group keeps no agent on rank 0) when any rank's agent failed."""
     if engine.kv_agent is not None:
         raise EngineError("this group's KV agents are already open")
-    if engine.group is not None:
-        engine.group.broadcast_object(OpenKVAgent(kind, name))
-    agent = try_agent(kind, f"{name}-r0", engine.runner.kv_cache)
+    engine.send_to_ranks(OpenKVAgent(kind, name))
+    agent = try_agent(kind, f"{name}-r0", engine.kv_cache)
     mine = agent.metadata() if agent is not None else b""
-    metadata = [mine] if engine.group is None else gather_bytes(engine.group.all_gather, mine)
+    metadata = gather_bytes(engine.all_gather, mine)
     if not all(metadata):
         if agent is not None:
             agent.close()
@@ -149,23 +175,21 @@ class BlockTarget:
 def layout(engine: LLMEngine, tp: int) -> BlockLayout:
     cfg, args = engine.model_config, engine.args
     return BlockLayout.for_rank(cfg.num_hidden_layers, cfg.num_key_value_heads, tp, args.block_size, cfg.head_dim,
-                                engine.runner.dtype.itemsize)
+                                engine.kv_cache.element_size())
 
 
 def send_blocks(engine: LLMEngine, request_id: str, target: BlockTarget, transfer_id: str, timeout_s: float) -> bool:
     """Write the request's computed KV into the destination ranks; True once all of it landed."""
-    seq = engine.seqs.get(request_id)
-    if seq is None or engine.kv_agent is None:
+    if not engine.has_request(request_id) or engine.kv_agent is None:
         raise EngineError(f"request {request_id!r} holds no KV here, or the group has no KV agents")
-    n = -(-seq.num_computed // engine.args.block_size)
+    blocks = engine.block_ids(request_id)
     tp = engine.args.tp
     plan = plan_transfer(engine.model_config.num_key_value_heads, tp, target.tp)
-    descs = expand_plan(plan, layout(engine, tp), layout(engine, target.tp), seq.block_table[:n],
-                        list(target.block_ids[:n]))
+    descs = expand_plan(plan, layout(engine, tp), layout(engine, target.tp), blocks,
+                        list(target.block_ids[: len(blocks)]))
     msg = SendKVBlocks([(s, d, target.metadata[d], pair_id(transfer_id, s, d), dd) for (s, d), dd in descs.items()],
                        timeout_s)
-    if engine.group is not None:
-        engine.group.broadcast_object(msg)
+    engine.send_to_ranks(msg)
     return all_ok(engine, run_sends(engine.kv_agent, msg, 0))
 
 
@@ -176,12 +200,7 @@ def run_sends(agent: RankAgent, msg: SendKVBlocks, rank: int) -> bool:
 def reserve_blocks(engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
                    num_tokens: int) -> list[int]:
     """Reserve a request that will receive KV for `num_tokens` tokens; its block ids in order."""
-    engine.begin_receive(request_id, prompt_ids, params)
-    seq = engine.seqs[request_id]
-    if not engine.scheduler.grow(seq, num_tokens + 1):
-        engine.abort(request_id)
-        raise EngineError("no free KV blocks to receive this request now")
-    return list(seq.block_table)
+    return engine.reserve_kv(request_id, prompt_ids, params, num_tokens)
 
 
 def receive_blocks(engine: LLMEngine, request_id: str, src_tp: int, transfer_id: str, timeout_s: float) -> bool:
@@ -190,8 +209,7 @@ def receive_blocks(engine: LLMEngine, request_id: str, src_tp: int, transfer_id:
         raise EngineError("the group has no KV agents")
     pairs = plan_transfer(engine.model_config.num_key_value_heads, src_tp, engine.args.tp).pairs()
     msg = ReceiveKVBlocks([(d, pair_id(transfer_id, s, d)) for s, d in pairs], timeout_s)
-    if engine.group is not None:
-        engine.group.broadcast_object(msg)
+    engine.send_to_ranks(msg)
     ok = all_ok(engine, run_receives(engine.kv_agent, msg, 0))
     if not ok:
         engine.abort(request_id)
@@ -202,20 +220,39 @@ def run_receives(agent: RankAgent, msg: ReceiveKVBlocks, rank: int) -> bool:
     return agent.run([], [tid for d, tid in msg.pairs if d == rank], msg.timeout_s)
 
 
-def serve_message(agent: RankAgent | None, msg: object, runner_cache: torch.Tensor, rank: int,
-                  group_all_gather: AllGather) -> RankAgent | None:
-    """A follower rank's side of the messages above; returns its (possibly new) agent."""
-    if isinstance(msg, OpenKVAgent):
-        if agent is not None:  # not reached in practice: one agent per group, opened once
-            agent.close()
-        agent = try_agent(msg.kind, f"{msg.name}-r{rank}", runner_cache)
-        gather_bytes(group_all_gather, agent.metadata() if agent is not None else b"")
-    elif isinstance(msg, SendKVBlocks):
-        all_gather_ok(group_all_gather, agent is not None and run_sends(agent, msg, rank))
-    elif isinstance(msg, ReceiveKVBlocks):
-        all_gather_ok(group_all_gather, agent is not None and run_receives(agent, msg, rank))
-    return agent
+# ---- a follower rank's side of the messages above --------------------------------------------------
+_AGENT = "kvtransfer.rank_agent"  # the rank's RankAgent in RankContext.resources
+
+
+def _agent(rank: RankContext) -> RankAgent | None:
+    agent = rank.resources.get(_AGENT)
+    return agent if isinstance(agent, RankAgent) else None
+
+
+def _open_agent(rank: RankContext, msg: OpenKVAgent) -> None:
+    old = rank.resources.pop(_AGENT, None)
+    if old is not None:  # not reached in practice: one agent per group, opened once
+        old.close()
+    agent = try_agent(msg.kind, f"{msg.name}-r{rank.rank}", rank.kv_cache)
+    if agent is not None:
+        rank.resources[_AGENT] = agent
+    gather_bytes(rank.all_gather, agent.metadata() if agent is not None else b"")
+
+
+def _send(rank: RankContext, msg: SendKVBlocks) -> None:
+    agent = _agent(rank)
+    all_gather_ok(rank.all_gather, agent is not None and run_sends(agent, msg, rank.rank))
+
+
+def _receive(rank: RankContext, msg: ReceiveKVBlocks) -> None:
+    agent = _agent(rank)
+    all_gather_ok(rank.all_gather, agent is not None and run_receives(agent, msg, rank.rank))
 
 
 def all_gather_ok(group_all_gather: AllGather, ok: bool) -> None:
     group_all_gather(torch.tensor([int(ok)], dtype=torch.uint8))
+
+
+register_handler(OpenKVAgent, _open_agent)
+register_handler(SendKVBlocks, _send)
+register_handler(ReceiveKVBlocks, _receive)

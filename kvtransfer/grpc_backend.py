@@ -17,11 +17,12 @@ import grpc
 import torch
 
 from services.engine import KVExport
-from services.rpc import pb, pb_grpc
+from services.rpc import ChannelPool, error, pb, pb_grpc
 from services.tasks import TaskSet
 
-from .base import ArrivalHandler, KVBackend, KVHandoff, KVReceiver, KVSender, TransferState
+from .base import ArrivalHandler, KVBackend, KVHandoff, KVReceiver, KVSender
 from .faults import maybe_die
+from .state import TransferState
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ def kv_to_bytes(kv: KVExport) -> bytes:
 def kv_from_bytes(data: bytes) -> KVExport:
     doc = torch.load(io.BytesIO(data), weights_only=True)
     return KVExport(int(doc["num_tokens"]), doc["k"], doc["v"])
-
-
-def _error(kind: int, message: str) -> pb.Error:
-    return pb.Error(kind=kind, message=message)  # type: ignore[arg-type]
 
 
 class GrpcKVSender(KVSender):
@@ -81,10 +78,10 @@ class GrpcKVSender(KVSender):
             else:
                 self._state = TransferState.DONE
         except grpc.aio.AioRpcError as e:
-            self.error = _error(pb.UNAVAILABLE, f"KV transfer failed: {e.code().name}: {e.details()}")
+            self.error = error(pb.UNAVAILABLE, f"KV transfer failed: {e.code().name}: {e.details()}")
             self._state = TransferState.FAILED
         except asyncio.CancelledError:
-            self.error = _error(pb.CANCELLED, "KV transfer cancelled")
+            self.error = error(pb.CANCELLED, "KV transfer cancelled")
             self._state = TransferState.FAILED
             raise
         finally:
@@ -121,17 +118,17 @@ class GrpcKVReceiver(KVReceiver, pb_grpc.KVTransferServicer):
                 maybe_die("kv-receive")
             parts.append(chunk.data)
         if header is None:
-            return pb.KVAck(error=_error(pb.BAD_REQUEST, "empty KV transfer"))
+            return pb.KVAck(error=error(pb.BAD_REQUEST, "empty KV transfer"))
         rid = header.request.request_id
         data = b"".join(parts)
         self.bytes_received += len(data)
         if len(data) != header.total_bytes:
             self._states[rid] = TransferState.FAILED
-            return pb.KVAck(error=_error(pb.INTERNAL, f"KV for {rid}: got {len(data)} of {header.total_bytes} bytes"))
+            return pb.KVAck(error=error(pb.INTERNAL, f"KV for {rid}: got {len(data)} of {header.total_bytes} bytes"))
         kv = await asyncio.to_thread(kv_from_bytes, data)
-        error = await self._on_arrival(KVHandoff(header.request, tuple(header.output_ids), kv, header.epoch))
-        self._states[rid] = TransferState.FAILED if error is not None else TransferState.DONE
-        return pb.KVAck(error=error)
+        refused = await self._on_arrival(KVHandoff(header.request, tuple(header.output_ids), kv, header.epoch))
+        self._states[rid] = TransferState.FAILED if refused is not None else TransferState.DONE
+        return pb.KVAck(error=refused)
 
 
 class GrpcKVBackend(KVBackend):
@@ -142,20 +139,12 @@ class GrpcKVBackend(KVBackend):
     def __init__(self, chunk_bytes: int = 4 << 20, timeout_s: float = 60.0) -> None:
         self._chunk = chunk_bytes
         self._timeout = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self.tasks = TaskSet("kv-send")
 
     def sender(self, address: str) -> KVSender:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        return GrpcKVSender(pb_grpc.KVTransferStub(channel), self.tasks, self._chunk, self._timeout)
+        return GrpcKVSender(pb_grpc.KVTransferStub(self._channels.get(address)), self.tasks, self._chunk, self._timeout)
 
     async def close(self) -> None:
         await self.tasks.cancel_all()
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-
-
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        await self._channels.close()

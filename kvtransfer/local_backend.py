@@ -1,5 +1,5 @@
 """The portable block transfer backend: plain TCP sockets, no NIXL. Same API as the NIXL backend
-(`kvtransfer.agent`), for hosts where NIXL does not import or fails its self-test. Host memory
+(`kvtransfer.agent_base`), for hosts where NIXL does not import or fails its self-test. Host memory
 only: a device cache would need staging through a host buffer.
 
 Each agent listens on a TCP port (its published endpoint). One send is one connection, driven by
@@ -26,14 +26,14 @@ from typing import cast
 import numpy as np
 import torch
 
-from .agent import (
+from .agent_base import (
     AgentInfo,
     AwaitedReceive,
     BlockTransfer,
     BlockTransferAgent,
-    BlockTransferState,
     check_descriptors,
 )
+from .state import TransferState
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +198,20 @@ class LocalSend(BlockTransfer):
         self.descs = check_descriptors(descs, agent.nbytes, 1 << 62)
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
-        self.state = BlockTransferState.BOOTSTRAPPING
+        self.state = TransferState.BOOTSTRAPPING
         self._sock: socket.socket | None = None
         self._outcome: str | None = None  # set by the thread: "" = landed, else why not
         self._stop = threading.Event()
 
-    def poll(self) -> BlockTransferState:
+    def poll(self) -> TransferState:
         if self.state.finished:
             return self.state
         if self._outcome is not None:
             self._end(self._outcome)
         elif time.monotonic() > self.deadline:
             self._end(f"timed out after {self.timeout_s:g}s")
-        elif self.state is BlockTransferState.BOOTSTRAPPING and self.peer in self.agent.peers:
-            self.state = BlockTransferState.TRANSFERRING
+        elif self.state is TransferState.BOOTSTRAPPING and self.peer in self.agent.peers:
+            self.state = TransferState.TRANSFERRING
             self.agent._spawn(self._run, f"kvx-send-{self.transfer_id}", self.agent.peers[self.peer])
         return self.state
 
@@ -248,7 +248,7 @@ class LocalSend(BlockTransfer):
     def _end(self, outcome: str) -> None:
         if outcome:
             self.error = outcome
-            self.state = BlockTransferState.FAILED
+            self.state = TransferState.FAILED
             self._stop.set()
             if self._sock is not None:
                 try:
@@ -257,7 +257,7 @@ class LocalSend(BlockTransfer):
                     pass
             log.warning("kvtransfer %s -> %s failed: %s", self.transfer_id, self.peer, outcome)
         else:
-            self.state = BlockTransferState.DONE
+            self.state = TransferState.DONE
         self.agent._sends.discard(self)
 
     def cancel(self) -> None:

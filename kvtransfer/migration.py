@@ -44,8 +44,7 @@ def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Call
             channel: KVChannel | None = None, max_rounds: int = 8) -> MigrationReport:
     """Move `request_id` from `src` to `dst`. `keep_decoding` runs source steps between rounds."""
     channel = channel or local_channel(dst)
-    seq = src.seqs[request_id]
-    dst.begin_receive(request_id, seq.token_ids[: seq.prompt_len], seq.params)
+    dst.begin_receive(request_id, *src.prompt_of(request_id))
     copied, rounds = 0, 0
     try:
         while rounds < max_rounds:
@@ -55,14 +54,14 @@ def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Call
             channel(request_id, copied, src.export_kv(request_id, copied, computed))
             copied, rounds = computed, rounds + 1
             keep_decoding()
-            if request_id not in src.seqs:  # it finished while we copied: nothing to move
+            if not src.has_request(request_id):  # it finished while we copied: nothing to move
                 dst.abort(request_id)
                 return MigrationReport(request_id, rounds, copied, 0, 0.0)
         start = time.perf_counter()
-        seq = src.detach(request_id)
+        src.detach(request_id)
         last = src.export_kv(request_id, copied)
         channel(request_id, copied, last)
-        dst.finish_receive(request_id, seq.token_ids[seq.prompt_len :], seq.num_computed)
+        dst.finish_receive(request_id, src.generated_ids(request_id), src.computed_tokens(request_id))
         pause = time.perf_counter() - start
     except Exception:
         dst.abort(request_id)

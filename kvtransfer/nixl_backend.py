@@ -38,15 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .agent import (
+from .agent_base import (
     AgentInfo,
     AwaitedReceive,
     BlockTransfer,
     BlockTransferAgent,
-    BlockTransferState,
     check_descriptors,
     chunk_descriptors,
 )
+from .state import TransferState
 
 try:
     from nixl._api import nixl_agent, nixl_agent_config
@@ -199,23 +199,23 @@ class NixlSend(BlockTransfer):
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
         self.handle: Any = None  # the request in flight
-        self.state = BlockTransferState.BOOTSTRAPPING
+        self.state = TransferState.BOOTSTRAPPING
 
-    def poll(self) -> BlockTransferState:
+    def poll(self) -> TransferState:
         if self.state.finished:
             return self.state
         if time.monotonic() > self.deadline:
             self._fail(f"timed out after {self.timeout_s:g}s")
         elif self.handle is not None:
             self._advance(self.agent.xfer_state(self.handle))
-        elif self.state is BlockTransferState.TRANSFERRING:
+        elif self.state is TransferState.TRANSFERRING:
             self._post_next()
         elif self.peer in self.agent.peers:
             peer = self.agent.peers[self.peer]
             if len(self.descs) and (self.descs[:, 1] + self.descs[:, 2]).max() > peer.nbytes:
                 self._fail(f"descriptors exceed {peer.name}'s cache ({peer.nbytes} bytes)")
             else:
-                self.state = BlockTransferState.TRANSFERRING
+                self.state = TransferState.TRANSFERRING
                 self._post_next()
         return self.state
 
@@ -244,12 +244,12 @@ class NixlSend(BlockTransfer):
             self._fail("UCX reported an error (the peer may be gone)", peer_broken=True)
 
     def _finish(self) -> None:
-        self.state = BlockTransferState.DONE
+        self.state = TransferState.DONE
         self.agent._sends.discard(self)
 
     def _fail(self, reason: str, peer_broken: bool = False) -> None:
         self.error = reason
-        self.state = BlockTransferState.FAILED
+        self.state = TransferState.FAILED
         if self.handle is not None:
             self.agent.release(self.handle)
         self.agent._sends.discard(self)
@@ -286,7 +286,7 @@ def _self_test(timeout_s: float) -> bool:
         send, recv = a.send(b.name, descs, "selftest", timeout_s), b.receive("selftest", timeout_s)
         while not (send.poll().finished and recv.poll().finished):  # both agents must progress
             time.sleep(0.0005)
-        ok = send.state is recv.state is BlockTransferState.DONE
+        ok = send.state is recv.state is TransferState.DONE
         return ok and torch.equal(dst[4096:12288], src[:8192]) and torch.equal(dst[:4096], src[16384:20480])
     except Exception as e:
         log.warning("nixl self-test failed: %s", e)

@@ -4,7 +4,7 @@ with which KV heads, and the byte ranges that realise it. Pure functions, no I/O
 A rank's KV cache is one contiguous tensor `[num_blocks, num_layers, 2 (k, v), local_kv_heads,
 block_size, head_dim]`, so within one block of one rank the chunk (layer, k|v, heads h0:h1) is one
 contiguous byte range. KV heads are split over a group's ranks as in
-`services.engine.sharding.kv_head_range`: evenly when there are at least as many heads as ranks,
+`services.engine.model.sharding.kv_head_range`: evenly when there are at least as many heads as ranks,
 else replicated (rank r holds head r // (tp / num_kv_heads)).
 
 How it is used:

@@ -7,8 +7,8 @@ samples the first token -> first token event -> KV hand-off -> reply. A request 
 after its group died (`attempt` > 0) carries the tokens its client has (`resume_ids`): they are
 computed with the prompt, and the token sampled here is the next one (`index`). The hand-off goes to the
 router's decode group, or, when that one fails mid-way, to another live decode group
-(`kvtransfer.handoff.fail_over`). With agents open (kv_backend auto | nixl | local) it is the block
-path (`kvtransfer.block_handoff`: every rank writes its own blocks, then release); when that
+(`handoff.fail_over`). With agents open (kv_backend auto | nixl | local) it is the block
+path (`kv_send.py`: every rank writes its own blocks, then release); when that
 reaches no decode group, or without agents, it is export_kv + release + the gathered bytes over
 gRPC. A request that finishes at its first token (stop token, max_tokens 1) skips the handoff.
 """
@@ -22,14 +22,15 @@ import time
 import grpc
 
 from kvtransfer.base import KVHandoff
-from kvtransfer.block_handoff import BlockSender
 from kvtransfer.grpc_backend import GrpcKVBackend
-from kvtransfer.handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
 from services.config import NodeConfig
 from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, error, sampling_of
-from services.rpc import engine_id, pb, pb_grpc, request_of
+from services.node.frame import GroupLeader, sampling_of
+from services.rpc import engine_id, error, pb, pb_grpc, request_of
+
+from .handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
+from .kv_send import BlockSender
 
 log = logging.getLogger("nitsum.prefill")
 
@@ -40,7 +41,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         self.kv = GrpcKVBackend(self.config.kv_chunk_bytes, self.config.kv_timeout_s)
         self.blocks: BlockSender | None = None  # the block path, once this group's agents are open
         self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
-        self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-over)
+        self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-off)
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_PrefillServicer_to_server(self, server)
@@ -93,15 +94,15 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         finally:
             self._in_flight -= 1
 
-    async def drain(self, wait_s: float) -> int:
+    async def drain(self, command: pb.DrainCommand) -> tuple[pb.DrainResult, list[KVHandoff]]:
         """For a reconfiguration: wait (up to `wait_s`) until every prompt given to this group has
-        been answered and its KV handed over; the router sends no new ones. Returns how many were
-        still in flight when the wait began."""
+        been answered and its KV handed off; the router sends no new ones. `in_flight`: how many
+        were still in flight when the wait began. Nothing is ever parked here."""
         pending = self._in_flight
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + command.wait_s
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        return pending
+        return pb.DrainResult(in_flight=pending), []
 
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
@@ -136,14 +137,14 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
                                                    index=out.index, attempt=q.attempt))
         if done:
             return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
-        return await self._hand_over(request, first, prefill_s)
+        return await self._hand_off(request, first, prefill_s)
 
-    async def _hand_over(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
+    async def _hand_off(self, request: pb.PrefillRequest, first: int, prefill_s: float) -> pb.PrefillReply:
         assert self.loop is not None and self.engine is not None
         q, rid, eid = request.request, request.request.request_id, engine_id(request.request)
 
         async def find_other(tried: set[str]) -> DecodeTarget | None:
-            return pick_decode_group(await self.cluster.groups(), tried, request.epoch)
+            return pick_decode_group(await self.cluster.groups(), tried, request.epoch, q)
 
         async def redirect(target: DecodeTarget) -> None:
             await self.cluster.emit(rid, pb.TokenEvent(time_s=time.time(), next_group=target.group_id,
@@ -183,7 +184,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
                 await self.cluster.emit(rid, pb.TokenEvent(error=err, time_s=time.time(), attempt=attempt))
             elif err.kind != pb.CANCELLED:
                 # No decode group took the KV now: the router resumes the request from the tokens its
-                # client has once a decode group can take it (router/recovery.py).
+                # client has once a decode group can take it (router/live/recovery.py).
                 err = error(pb.UNAVAILABLE, f"no decode group took the KV of {rid}: {err.message}")
             return pb.PrefillReply(error=err, first_token=first, prefill_s=prefill_s)
         return pb.PrefillReply(first_token=first, prefill_s=prefill_s, transfer_s=result.seconds)

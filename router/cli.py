@@ -12,9 +12,10 @@ import json
 import sys
 from typing import Any
 
-from router.perfmodel import DEVICES, MODELS, PerfModel
-from router.planner import Planner, PlannerConfig
-from router.plans import parse_plan
+from router.decide.perfmodel import DEVICES, MODELS, PerfModel
+from router.decide.planner import Planner, PlannerConfig
+from router.decide.plans import parse_plan
+from router.decide.workload import TierLoad, WorkloadEstimate
 from router.sim.cluster import SimConfig
 from router.sim.oracle import OracleBound
 from router.sim.policies import DEFAULT_POLICIES, POLICIES
@@ -22,7 +23,6 @@ from router.sim.report import format_summary
 from router.sim.sweep import DEFAULT_SWEEP, SimSetup, compare, plot, progress_bar
 from router.sim.tables import LoadPoint, policy_capacity, readme_table
 from router.sim.trace import DEFAULT_TIER_MAP
-from router.workload import TierLoad, WorkloadEstimate
 from services.config import TierPolicy
 from services.tiers import DEFAULT_TIERS
 
@@ -209,7 +209,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     planner = Planner(perf, DEFAULT_TIERS, args.slots, PlannerConfig())
     tp = next(t for t in (1, 2, 4, 8) if perf.fits(t))
     current = parse_plan(args.current or ",".join([f"c{tp}"] * (args.slots // tp)), args.slots)
-    decision = planner.decide(0.0, current, WorkloadEstimate(0.0, 60.0, tuple(loads)))
+    decision, _ = planner.decide(0.0, current, WorkloadEstimate(0.0, 60.0, tuple(loads)))
     print(decision.explanation)
     return 0
 

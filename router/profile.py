@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from router.perfmodel import DEVICES, DeviceSpec, Efficiency, ModelSpec, PerfModel, StepTerms
+from router.decide.perfmodel import DEVICES, DeviceSpec, Efficiency, ModelSpec, PerfModel, StepTerms
 
 
 @dataclass(frozen=True)

@@ -2,32 +2,34 @@
 
 Each package contributes its subcommands through a `register(subparsers)` function; every
 subcommand's `func(args) -> int` is the exit code. Errors the user can fix print one line and
-exit 2; nothing prints a stack trace for those.
+exit 2; nothing prints a stack trace for those. This module and the launcher are the composition
+root: the only modules of `services` that wire in the router, the roles and the benchmarks
+(tests/test_architecture.py). A `register` only declares arguments; heavy imports happen inside
+the commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+import bench.replay_cli
+import decode_node.cli
+import prefill_node.cli
+import router.cli
+import router.live.plan_cli
+import router.live.service_cli
+import services.gateway.cli
+import services.launch
+import services.node.slot_cli
 from services.engine import cli as engine_cli
 
-# Modules that contribute subcommands, in the order `nitsum --help` lists them. Each is imported
-# lazily-cheap: a register() only declares arguments; heavy imports happen inside the commands.
-COMMAND_MODULES = (
-    "services.launch",  # up
-    "services.gateway.cli",  # gateway
-    "router.service_cli",  # router
-    "prefill_node.cli",  # prefill
-    "decode_node.cli",  # decode
-    "services.node.slot_cli",  # slot
-    "router.cli",  # sim, profile
-    "services.replay_cli",  # bench replay
-)
+# Modules that contribute subcommands, in the order `nitsum --help` lists them.
+COMMAND_MODULES = (services.launch, services.gateway.cli, router.live.service_cli, prefill_node.cli,
+                   decode_node.cli, services.node.slot_cli, router.cli, bench.replay_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_cli.register(sub)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     plan = sub.add_parser("plan", help="inspect, explain and apply plans (slots cut into TP groups with roles)")
     plan_sub = plan.add_subparsers(dest="plan_command", metavar="PLAN_COMMAND")
-    importlib.import_module("router.cli").register_plan(plan_sub)
-    importlib.import_module("router.plan_cli").register(plan_sub)
+    router.cli.register_plan(plan_sub)
+    router.live.plan_cli.register(plan_sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -214,3 +215,28 @@ class NodeConfig(_Frozen):
     @property
     def effective_slot_id(self) -> str:
         return self.slot_id or f"{self.group_id}-r{self.rank}"
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """One slot process (`nitsum slot`): the accelerator it stands for and how it serves in groups."""
+
+    index: int
+    model: Path
+    redis: RedisSettings
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    lease_ms: int = 3000
+    heartbeat_s: float = 0.5
+    dist_timeout_s: float = 60.0
+    kv_cache_bytes: int = 1 << 30
+    kv_backend: KVBackendSetting = "auto"  # NodeConfig.kv_backend of every group this slot leads
+
+    @property
+    def slot_id(self) -> str:
+        return f"slot:{self.index}"

@@ -11,7 +11,7 @@ stops everything this command started, by pid, newest first, Redis last.
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,7 +23,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from router.decide.plans import Plan, parse_plan
 from services.cliutil import explain, fail, setup_logging
+from services.cluster import ClusterClient, PlanDoc
 from services.cluster.redis_server import RedisServer, free_port, start_redis_server
 from services.supervise import RestartPolicy, Supervisor, log_path, stop_processes
 
@@ -54,28 +56,13 @@ class LaunchConfig(BaseModel):
     restart: RestartPolicy = RestartPolicy()
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    group_id: str
-    role: str
-    tp: int
-    slots: tuple[int, ...]
-
-
-def plan_groups(text: str, slots: int | None) -> list[GroupSpec]:
-    """`p1,d2` -> groups with ids p0, d0, ... (router.plans does the parsing and validation)."""
-    from router.plans import parse_plan
-
+def check_plan(text: str, slots: int | None) -> Plan:
+    """`p1,d2` -> the plan (router.decide.plans parses and validates it), if the mesh serves it."""
     plan = parse_plan(text, slots=slots)
-    counts: dict[str, int] = {}
-    groups = []
     for g in plan.groups:
         if g.role not in ("prefill", "decode"):
             raise ValueError(f"plan {text!r}: the mesh runs prefill (p) and decode (d) groups; {g.role} is not served yet")
-        letter = g.role[0]
-        groups.append(GroupSpec(f"{letter}{counts.get(letter, 0)}", g.role, g.tp, g.slots))
-        counts[letter] = counts.get(letter, 0) + 1
-    return groups
+    return plan
 
 
 def admin_key(path: Path = Path(".nitsum/admin-key")) -> str:
@@ -137,7 +124,7 @@ class Mesh:
 
     def start(self) -> Mesh:
         c = self.config
-        groups = plan_groups(c.plan, c.slots)
+        plan = check_plan(c.plan, c.slots)
         model = ensure_model(c.model)
         self.log_dir = c.log_dir or Path(".nitsum") / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -147,15 +134,15 @@ class Mesh:
                 self.redis = start_redis_server(c.host, data_dir=c.redis_dir or self.log_dir / "redis")
                 self.supervisor.add("redis", self._restart_redis, self.redis.process)
             self.redis_url = c.redis_url or self.redis.url  # type: ignore[union-attr]
-            num_slots = c.slots or sum(g.tp for g in groups)
-            self._write_plan(num_slots)
+            num_slots = c.slots or plan.num_slots
+            self._write_plan(check_plan(c.plan, num_slots))
             self.port = c.port or free_port(c.host)
             self.admin_port = c.admin_port if c.admin_port is not None else self.port + 1 if c.port else 0
             self.admin_port = self.admin_port or free_port(c.host)
             self.admin_key = c.admin_key or admin_key()
             self._start_slots(num_slots, model)
             for i in range(c.routers):  # one leads (the lock in Redis), the others stand by
-                self._spawn(f"router{i}", ["router.service_cli", *self._redis_args(), *self._tiers_args(), "--host",
+                self._spawn(f"router{i}", ["router.live.service_cli", *self._redis_args(), *self._tiers_args(), "--host",
                                            c.host, "--admin-port", str(self.admin_port)],
                             {"NITSUM_ADMIN_KEY": self.admin_key})
             self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
@@ -188,19 +175,16 @@ class Mesh:
     def _tiers_args(self) -> list[str]:
         return ["--tiers", str(self.config.tiers)] if self.config.tiers else []
 
-    def _write_plan(self, num_slots: int) -> None:
-        """The plan the router brings the slots to once they are up (router/orchestrator.py)."""
-        import redis
+    def _write_plan(self, plan: Plan) -> None:
+        """The plan the router brings the slots to once they are up (router/reconfig/orchestrator.py)."""
+        async def write() -> None:
+            cluster = ClusterClient(self.redis_url, self.config.redis_prefix)
+            try:
+                await cluster.set_plan(PlanDoc(0, plan.to_json()))
+            finally:
+                await cluster.close()
 
-        from router.plans import parse_plan
-
-        plan = parse_plan(self.config.plan, slots=num_slots)
-        doc = {"epoch": 0, "plan": {"text": plan.to_str(), "num_slots": num_slots, "reconfiguring": False,
-                                    "applied": False, "groups": [{"role": g.role, "tp": g.tp, "slots": list(g.slots)}
-                                                                 for g in plan.groups]}, "set_at": time.time()}
-        client = redis.Redis.from_url(self.redis_url)
-        client.set(f"{self.config.redis_prefix}plan", json.dumps(doc))
-        client.close()
+        asyncio.run(write())
 
     def _start_slots(self, num_slots: int, model: Path) -> None:
         # Slots share this host's cores: more OpenMP threads than cores makes every op wait for
@@ -313,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
                               log_dir=args.log_dir, device=args.device, admin_port=args.admin_port,
                               routers=args.routers, redis_dir=args.redis_dir,
                               restart=RestartPolicy(max_restarts=max(0, args.max_restarts)))
-        plan_groups(config.plan, config.slots)
+        check_plan(config.plan, config.slots)
     except ValidationError as e:
         return fail("up", explain(e))
     except ValueError as e:

@@ -116,7 +116,7 @@ class RouterMetrics:
         self.schedule_seconds = Histogram("nitsum_router_schedule_seconds", "Time of one scheduling decision",
                                           buckets=_TPOT_BUCKETS, registry=r)
         self.leading = Gauge("nitsum_router_leading", "1 while this router holds the leader lock", registry=r)
-        # Reconfigurations (router/orchestrator.py), exported by the router that ran them.
+        # Reconfigurations (router/reconfig/orchestrator.py), exported by the router that ran them.
         self.reconfigurations = Counter("nitsum_reconfigurations", "Plan changes applied by the orchestrator "
                                         "(epoch e -> e+1); result = committed | unchanged | rolled_forward | "
                                         "rolled_back | healed | restored | failed", ("result",), registry=r)
@@ -134,7 +134,7 @@ class RouterMetrics:
         self.plan_epoch = Gauge("nitsum_plan_epoch", "The plan epoch the router routes to", registry=r)
 
     def observe_reconfig(self, report: Any) -> None:
-        """Count one router.orchestrator.ReconfigReport."""
+        """Count one router.reconfig.orchestrator.ReconfigReport."""
         self.reconfigurations.labels(report.result).inc()
         self.reconfig_seconds.observe(report.seconds)
         for g in report.groups:

@@ -33,6 +33,10 @@ class Tier:
         if self.queue_limit < 1:
             raise ValueError(f"tier {self.name}: queue_limit must be >= 1, got {self.queue_limit}")
 
+    def has_room(self, waiting: int) -> bool:
+        """Whether a new request may join this tier's queue while `waiting` are in it (else 429)."""
+        return waiting < self.queue_limit
+
     def met(self, ttft_s: float, tpot_s: float) -> bool:
         """Whether a finished request with these latencies counts towards goodput."""
         return ttft_s <= self.ttft_s and tpot_s <= self.tpot_s

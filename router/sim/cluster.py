@@ -1,11 +1,11 @@
 """The simulator's event loop: arrivals, router ticks, group iterations, planner runs, reconfigurations.
 
 A request's life here mirrors the live mesh: it arrives in its tier's router queue; a router tick
-calls `router.scheduler.schedule()` (the same function the live router calls) which sheds it or
+calls `router.decide.scheduler.schedule()` (the same function the live router calls) which sheds it or
 dispatches it to a prefill group and a decode group (reserving its KV there); the prefill group
 runs it in chunks and emits the first token (TTFT); its KV crosses the interconnect to the
 decode group (perf-model transfer time), where it joins the continuous batch until its last
-token (TPOT). Every `plan_interval_s` the planner (`router.planner.Planner`, same code as live)
+token (TPOT). Every `plan_interval_s` the planner (`router.decide.planner.Planner`, same code as live)
 may pick a new plan; the groups it changes stop, their running sequences migrate with their KV
 to the new decode groups, prompts not yet prefilled go back to the router queue, and the new
 groups serve nothing for the modelled pause. Every request ends exactly once: finished or shed.
@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from router.perfmodel import PerfModel
-from router.planner import Planner
-from router.plans import Plan
-from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import Planner, PlannerState
+from router.decide.plans import Plan
+from router.decide.scheduler import GroupState, PendingRequest, SchedulerSnapshot, schedule
+from router.decide.workload import WorkloadEstimate, WorkloadEstimator
 from router.sim.group import Join, SimGroup
 from router.sim.trace import TraceRequest
-from router.workload import WorkloadEstimate, WorkloadEstimator
 from services.tiers import Tier
 
 
@@ -91,12 +92,14 @@ class Simulator:
         self.reqs, self.perf, self.tiers = requests, perf, tiers
         self.cfg = cfg or SimConfig()
         self.planner, self.progress, self.twin, self.on_outcome = planner, progress, twin, on_outcome
+        self.planner_state = PlannerState()
         self.chained = False  # run(): each arrival schedules the next; add(): the caller feeds them
         n = len(requests)
         self.first = [math.nan] * n
         self.finish_t = [math.nan] * n
         self.shed: dict[int, str] = {}
-        self.queue: dict[int, QueuedRequest] = {}
+        self.queue: dict[int, PendingRequest] = {}
+        self.waiting: Counter[str] = Counter()  # queued per tier (the gateway's queue depth)
         self.reserved_on: dict[int, tuple[str, int]] = {}  # rid -> (decode group, blocks)
         self.decode_of: dict[int, str] = {}
         self.events: list[tuple[float, int, str, object]] = []
@@ -154,8 +157,12 @@ class Simulator:
     def _on_arrive(self, payload: object) -> None:
         rid = int(payload)  # type: ignore[call-overload]
         r = self.reqs[rid]
-        self.queue[rid] = QueuedRequest(str(rid), r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
         self.workload.observe_arrival(self.now, r.tier, r.prompt_tokens)
+        tier = self.tier_of[r.tier]
+        if tier.has_room(self.waiting[r.tier]):  # what the gateway checks: a full tier's arrival gets 429
+            self._enqueue(rid)
+        else:
+            self._shed(rid, f"tier {r.tier} queue full (limit {tier.queue_limit})")
         if self.twin is not None:
             self.twin.arrive(self.now, r.tier, r.prompt_tokens)
         if self.chained and rid + 1 < len(self.reqs):
@@ -167,8 +174,17 @@ class Simulator:
             self.tick_pending = True
             self.push(self.now + self.cfg.tick_s, "tick", None)
 
+    def _enqueue(self, rid: int) -> None:
+        r = self.reqs[rid]
+        self.queue[rid] = PendingRequest(str(rid), r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
+        self.waiting[r.tier] += 1
+
+    def _dequeue(self, rid: int) -> None:
+        if self.queue.pop(rid, None) is not None:
+            self.waiting[self.reqs[rid].tier] -= 1
+
     def _shed(self, rid: int, reason: str) -> None:
-        self.queue.pop(rid, None)
+        self._dequeue(rid)
         self.shed[rid] = reason
         self.workload.observe_outcome(self.now, 0.0)
         if self.on_outcome is not None:
@@ -218,7 +234,7 @@ class Simulator:
         for d in decisions.dispatch:
             rid = int(d.request_id)
             r = self.reqs[rid]
-            del self.queue[rid]
+            self._dequeue(rid)
             self._reserve(rid, self.groups[d.decode_group], r.prompt_tokens + r.output_tokens)
             pre = self.groups[d.prefill_group]
             pre.prefill_q.append([rid, r.prompt_tokens, 0])
@@ -276,8 +292,8 @@ class Simulator:
         assert self.planner is not None
         workload = self.workload.estimate(self.now)
         measured = self.twin.gains(self.now, self.plan, workload) if self.twin is not None else None
-        decision = self.planner.decide(self.now, self.plan, workload, self.workload.observed_score(self.now),
-                                       measured)
+        decision, self.planner_state = self.planner.decide(self.now, self.plan, workload, self.planner_state,
+                                                           self.workload.observed_score(self.now), measured)
         if decision.changed:
             self.result.reconfigurations.append(Reconfiguration(
                 self.now, self.plan.to_str(), decision.plan.to_str(), decision.cost.pause_s,
@@ -297,8 +313,7 @@ class Simulator:
             moving += migrants
             for rid in requeue:
                 self._release(rid)
-                r = self.reqs[rid]
-                self.queue[rid] = QueuedRequest(str(rid), r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
+                self._enqueue(rid)
             for rid, (rgid, _) in list(self.reserved_on.items()):
                 if rgid == gid:
                     del self.reserved_on[rid]  # its KV memory went with the group

@@ -8,8 +8,9 @@ mid-way (a sequence joining, a prompt arriving) calls `interrupt()`, which cuts 
 at the next step boundary, exactly as a real engine would admit it. That keeps the event count
 near the number of joins and finishes, not the number of decode steps.
 
-Two engine policies are switchable per group (Nitsum's engine has both; the vLLM-like baseline
-neither): the *TPOT guard* sizes each prefill chunk in a group that also decodes so that the
+Two engine policies are switchable per group (the simulator credits Nitsum's groups with both and
+the vLLM-like baseline with neither; the real engine, services/engine/scheduler.py, has neither
+yet: it is first come, first served): the *TPOT guard* sizes each prefill chunk in a group that also decodes so that the
 forward takes at most `tpot_guard` x the tightest TPOT target among the sequences decoding there
 (Sarathi-Serve sizes its token budget from the TBT SLO; this does it per step, from the tiers
 actually decoding), and *deadline-aware prefill* picks, at each chunk, the buffered prompt with
@@ -23,8 +24,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from router.perfmodel import PerfModel
-from router.plans import Group
+from router.decide.perfmodel import PerfModel
+from router.decide.plans import Group
 
 MAX_MACRO_STEPS = 128  # re-evaluate the step time at least this often as contexts grow
 

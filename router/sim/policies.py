@@ -29,13 +29,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.perfmodel import PerfModel
-from router.planner import Planner, PlannerConfig
-from router.plans import Plan, enumerate_plans, parse_plan
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import Planner, PlannerConfig
+from router.decide.plans import Plan, enumerate_plans, parse_plan
+from router.decide.workload import WorkloadEstimate, WorkloadEstimator
 from router.sim.cluster import SimConfig, SimResult, Simulator
 from router.sim.trace import TraceRequest
 from router.sim.twin import Twin
-from router.workload import WorkloadEstimate, WorkloadEstimator
 from services.tiers import Tier
 
 POLICIES = ("nitsum", "static-colocated", "static-disagg", "priority-only", "vllm-like", "static-any")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from router.perfmodel import PerfModel
-from router.planner import PlannerConfig
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import PlannerConfig
 from router.sim.cluster import SimConfig
 from router.sim.oracle import bounds, met_mask
 from router.sim.policies import Variant, run_variant, variants

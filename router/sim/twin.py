@@ -1,7 +1,7 @@
 """Digital twin: shadow runs of candidate plans, fed the live arrivals, that tell the planner
 how each candidate would have done on the traffic actually seen.
 
-Why: the planner's queueing model (`router.planner.predict`) assumes Poisson arrivals and knows
+Why: the planner's queueing model (`router.decide.planner.predict`) assumes Poisson arrivals and knows
 nothing of the engine's TPOT guard or deadline-aware ordering, so on a bursty trace it ranks
 plans badly. The twin replays the same arrivals through the same simulator code (scheduler,
 groups, perf model) once per candidate plan, each from the moment it starts being tracked, and
@@ -24,12 +24,12 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from router.perfmodel import PerfModel
-from router.planner import Planner
-from router.plans import Plan, parse_plan
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import Planner
+from router.decide.plans import Plan, parse_plan
+from router.decide.workload import WorkloadEstimate
 from router.sim.cluster import SimConfig, Simulator
 from router.sim.trace import TraceRequest
-from router.workload import WorkloadEstimate
 from services.tiers import Tier
 
 

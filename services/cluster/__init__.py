@@ -1,6 +1,7 @@
-"""Redis: tier queues, per-request output streams, the registry of slots and groups, plan, leader lock."""
+"""Redis: tier queues, per-request output streams, the in-flight ledger, the registry of slots and
+groups, the plan document, the leader lock."""
 
 from .client import ClusterClient, QueueEntry
-from .schema import DEFAULT_PREFIX, GroupRecord, Keys, SlotRecord
+from .schema import DEFAULT_PREFIX, GroupRecord, Keys, PlanDoc, SlotRecord
 
-__all__ = ["DEFAULT_PREFIX", "ClusterClient", "GroupRecord", "Keys", "QueueEntry", "SlotRecord"]
+__all__ = ["DEFAULT_PREFIX", "ClusterClient", "GroupRecord", "Keys", "PlanDoc", "QueueEntry", "SlotRecord"]

@@ -12,10 +12,9 @@ callers waiting for a connection queue for one instead of failing (`BlockingConn
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.rpc import pb
 
-from .schema import ROUTER_GROUP, GroupRecord, Keys, SlotRecord
+from .schema import ROUTER_GROUP, GroupRecord, Keys, PlanDoc, SlotRecord
 
 OUTPUT_TTL_MS = 600_000  # an output stream nobody reads disappears after 10 minutes
 CANCEL_TTL_MS = 600_000
@@ -234,7 +233,7 @@ class ClusterClient:
     async def output_exists(self, request_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.output(request_id)))
 
-    # ---- the in-flight ledger (router/recovery.py) -----------------------------------------
+    # ---- the in-flight ledger (router/live/recovery.py) -----------------------------------------
     async def record_dispatch(self, request: pb.QueuedRequest, holder: str, entry: QueueEntry | None) -> None:
         """A request leaves the router for `holder`: it goes on the ledger (so whichever router leads
         can resume it if its holder dies) and, in the same transaction, off its tier stream."""
@@ -362,15 +361,12 @@ class ClusterClient:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     # ---- plan ----------------------------------------------------------------------------
-    async def set_plan(self, epoch: int, plan: dict[str, Any]) -> None:
-        await self.redis.set(self.keys.plan, json.dumps({"epoch": epoch, "plan": plan, "set_at": time.time()}))
+    async def set_plan(self, doc: PlanDoc) -> None:
+        await self.redis.set(self.keys.plan, replace(doc, set_at=time.time()).encode())
 
-    async def get_plan(self) -> tuple[int, dict[str, Any]] | None:
+    async def get_plan(self) -> PlanDoc | None:
         raw: Any = await self.redis.get(self.keys.plan)
-        if raw is None:
-            return None
-        doc = json.loads(raw)
-        return int(doc["epoch"]), doc["plan"]
+        return None if raw is None else PlanDoc.decode(raw)
 
     # ---- router leader lock --------------------------------------------------------------
     async def hold_leader(self, router_id: str, ttl_ms: int) -> bool:

@@ -5,6 +5,7 @@ Every key starts with the prefix (default `nitsum:`) so several meshes can share
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -137,3 +138,25 @@ class SlotRecord:
     @classmethod
     def decode(cls, raw: dict[str, str]) -> SlotRecord:
         return _decode(cls, raw)
+
+
+@dataclass(frozen=True)
+class PlanDoc:
+    """The plan the cluster runs, stored under `nitsum:plan`: written by the orchestrator (and, to
+    seed it, `nitsum up`), read by a router that takes the lead. The plans are JSON in the form of
+    docs/plan.schema.json (`router.decide.plans.Plan.to_json`), opaque to this layer."""
+
+    epoch: int
+    plan: str  # the plan the slots are brought to
+    target: str = ""  # the plan asked for (a plan cut down around a dead slot goes back to it); "": plan
+    reconfiguring: bool = False
+    applied: bool = False  # False until the orchestrator has brought the slots to `plan`
+    set_at: float = 0.0
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> PlanDoc:
+        doc = json.loads(raw)
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})

@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "EngineArgs": "services.engine.config", "ModelConfig": "services.engine.config",
-    "KVExport": "services.engine.engine", "LLMEngine": "services.engine.engine",
+    "KVExport": "services.engine.kv_io", "LLMEngine": "services.engine.engine",
     "RequestOutput": "services.engine.engine", "BadRequestError": "services.engine.errors",
     "EngineError": "services.engine.errors", "ModelLoadError": "services.engine.errors",
-    "SamplingParams": "services.engine.sampling",
+    "SamplingParams": "services.engine.model.sampling",
 }
 
 if TYPE_CHECKING:
     from services.engine.config import EngineArgs, ModelConfig
-    from services.engine.engine import KVExport, LLMEngine, RequestOutput
+    from services.engine.engine import LLMEngine, RequestOutput
     from services.engine.errors import BadRequestError, EngineError, ModelLoadError
-    from services.engine.sampling import SamplingParams
+    from services.engine.kv_io import KVExport
+    from services.engine.model.sampling import SamplingParams
 
 __all__ = [
     "BadRequestError", "EngineArgs", "EngineError", "KVExport", "LLMEngine", "ModelConfig",

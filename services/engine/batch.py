@@ -47,8 +47,8 @@ class AttnMeta:
     input_ids: torch.Tensor
     positions: torch.Tensor
     # Where each new token's K/V is written: (block, offset in block).
-    slot_blocks: torch.Tensor
-    slot_offsets: torch.Tensor
+    cache_blocks: torch.Tensor
+    cache_offsets: torch.Tensor
     num_decode: int
     decode_tables: torch.Tensor | None  # [B, max blocks] block tables of the decode sequences
     decode_lens: torch.Tensor | None  # [B] keys of each decode sequence, its new token's included
@@ -83,7 +83,7 @@ def build_meta(batch: StepBatch, block_size: int, device: torch.device) -> AttnM
         ids.extend(c.tokens)
         pos.extend(range(c.context, c.context + n))
     tables = [c.block_table for c in batch.decode] + [c.block_table for c in batch.prefill for _ in c.tokens]
-    slot_blocks = [table[p // block_size] for table, p in zip(tables, pos, strict=True)]
+    cache_blocks = [table[p // block_size] for table, p in zip(tables, pos, strict=True)]
     decode_tables = decode_lens = None
     if batch.decode:
         decode_lens = torch.tensor([c.context + 1 for c in batch.decode], dtype=torch.long, device=device)
@@ -94,5 +94,5 @@ def build_meta(batch: StepBatch, block_size: int, device: torch.device) -> AttnM
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return AttnMeta(t(ids), t(pos), t(slot_blocks), t([p % block_size for p in pos]), len(batch.decode),
+    return AttnMeta(t(ids), t(pos), t(cache_blocks), t([p % block_size for p in pos]), len(batch.decode),
                     decode_tables, decode_lens, segments, t(batch.sample_rows), block_size)

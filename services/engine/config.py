@@ -184,3 +184,14 @@ class EngineArgs:
 
     def model_len(self, cfg: ModelConfig) -> int:
         return min(self.max_model_len or cfg.max_model_len, cfg.max_model_len)
+
+
+def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
+    """Why a request does not fit the model's context, or None: the one rule the gateway (400 to the
+    client, before anything is queued) and the engine (for any caller) both apply."""
+    total = prompt_tokens + max(max_tokens, 1)
+    if total <= max_model_len:
+        return None
+    return (f"this model's maximum context length is {max_model_len} tokens, but {total} were requested "
+            f"({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the prompt or lower "
+            "max_tokens")

@@ -6,7 +6,8 @@ worker processes and execute what the leader broadcasts. `step()` is schedule ->
 Request lifecycle: add_request -> (prefill chunks) -> decode steps -> finished ("stop" | "length")
 or aborted. Disaggregated serving: `prefill_only=True` finishes after the first token with
 finish_reason "prefilled" and keeps the KV until `export_kv` + `release`; the decode side resumes
-with `add_prefilled`.
+with `add_prefilled`. KV import/export and the KV API of the transports live in `kv_io.py`, step
+timings in `profiling.py`; both are mixed into `LLMEngine`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from typing import Any
 
 import torch
 
-from services.engine.batch import SeqChunk, StepBatch
-from services.engine.config import EngineArgs, ModelConfig
+from services.engine.batch import StepBatch
+from services.engine.config import EngineArgs, ModelConfig, context_error
 from services.engine.dist import TPGroup, make_store
-from services.engine.errors import BadRequestError, EngineError
-from services.engine.layers import RowParallelLinear
+from services.engine.errors import BadRequestError
+from services.engine.kv_io import KVImportExport
+from services.engine.model.layers import RowParallelLinear
+from services.engine.model.sampling import SamplingParams, sample
+from services.engine.profiling import Profiling
 from services.engine.runner import ModelRunner
-from services.engine.sampling import SamplingParams, sample
 from services.engine.scheduler import ScheduledChunk, Scheduler, SeqStatus, Sequence
 from services.engine.tokenizer import Tokenizer
-from services.engine.worker import ReadKV, Shutdown, Step, WriteKV, run_worker, set_threads
+from services.engine.worker import Shutdown, Step, handler_modules, run_worker, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,6 @@ class RequestOutput:
     index: int = 0  # position of new_token_ids[0] among the request's generated tokens
 
 
-@dataclass
-class KVExport:
-    """A request's KV with all heads: k and v are [layers, tokens, KV heads, head_dim]."""
-
-    num_tokens: int
-    k: torch.Tensor
-    v: torch.Tensor
-
-
 def attach_group(runner: ModelRunner, group: TPGroup | None) -> None:
     """Point a loaded model's all-reduces at `group` (a slot keeping its shard across epochs)."""
     runner.group = group
@@ -61,7 +55,7 @@ def attach_group(runner: ModelRunner, group: TPGroup | None) -> None:
             module.group = group
 
 
-class LLMEngine:
+class LLMEngine(KVImportExport, Profiling):
     def __init__(self, args: EngineArgs, runner: ModelRunner | None = None, group: TPGroup | None = None,
                  tokenizer: Tokenizer | None = None) -> None:
         """Build the group and load the weights; or, with `runner` (a slot re-cut at runtime),
@@ -85,7 +79,7 @@ class LLMEngine:
                                    args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(args.seed)
-        self.kv_agent: Any = None  # kvtransfer.group_transfer.RankAgent of rank 0, once opened
+        self.kv_agent: Any = None  # rank 0's KV agent, once a transport opened one; closed at shutdown
 
     def _start_group(self, args: EngineArgs) -> TPGroup:
         set_threads(args.tp)
@@ -95,7 +89,8 @@ class LLMEngine:
         if args.spawn_workers:
             ctx = mp.get_context("spawn")
             for rank in range(1, args.tp):
-                p = ctx.Process(target=run_worker, args=(args, rank), daemon=True, name=f"nitsum-rank{rank}")
+                p = ctx.Process(target=run_worker, args=(args, rank, handler_modules()), daemon=True,
+                                name=f"nitsum-rank{rank}")
                 p.start()
                 self._procs.append(p)
         device = torch.device(args.device if args.device != "cuda" else "cuda:0")
@@ -114,18 +109,14 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise BadRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
-                f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion); "
-                "shorten the prompt or lower max_tokens"
-            )
-        self.scheduler.check_fits(total)
+        too_long = context_error(len(prompt_ids), params.max_tokens, self.max_model_len)
+        if too_long is not None:
+            raise BadRequestError(too_long)
+        self.scheduler.check_fits(len(prompt_ids) + params.max_tokens)
 
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         """A request that samples gets a seed here if it has none: its draws depend on nothing else
-        (sampling.py), so it can move to another group and draw the same tokens there."""
+        (model/sampling.py), so it can move to another group and draw the same tokens there."""
         if params.greedy or params.seed is not None:
             return params
         return replace(params, seed=self._rng.getrandbits(63))
@@ -172,8 +163,7 @@ class LLMEngine:
         return self._update(chunks, self._execute(batch))
 
     def _execute(self, batch: StepBatch) -> torch.Tensor | None:
-        if self.group is not None:
-            self.group.broadcast_object(Step(batch))
+        self.send_to_ranks(Step(batch))
         return self.runner.execute(batch)
 
     def _update(self, chunks: list[ScheduledChunk], logits: torch.Tensor | None) -> list[RequestOutput]:
@@ -210,102 +200,7 @@ class LLMEngine:
             return "prefilled"
         return None
 
-    # ---- disaggregation and migration ---------------------------------------------------------
-    # KV of computed tokens never changes, so any computed range can be copied out while the
-    # request keeps decoding (pre-copy); `detach` stops it for the final copy of what is left.
-    def _slots(self, seq: Sequence, start: int, stop: int) -> list[tuple[int, int]]:
-        bs = self.args.block_size
-        return [(seq.block_table[i // bs], i % bs) for i in range(start, stop)]
-
-    def export_kv(self, request_id: str, start: int = 0, stop: int | None = None) -> KVExport:
-        """KV of tokens [start, stop) (default: all computed) with all heads, gathered over the TP ranks."""
-        seq = self.seqs.get(request_id)
-        if seq is None or seq.status not in (SeqStatus.HELD, SeqStatus.RUNNING):
-            raise EngineError(f"request {request_id!r} holds no KV to export")
-        stop = seq.num_computed if stop is None else stop
-        if not 0 <= start <= stop <= seq.num_computed:
-            raise EngineError(f"cannot export tokens [{start}, {stop}) of {seq.num_computed} computed")
-        slots = self._slots(seq, start, stop)
-        local = self.runner.read_kv(slots)
-        if self.group is not None:
-            self.group.broadcast_object(ReadKV(slots))
-            local = self.runner.assemble_heads(self.group.all_gather(local))
-        return KVExport(len(slots), local[:, 0], local[:, 1])
-
-    def computed_tokens(self, request_id: str) -> int:
-        return self.seqs[request_id].num_computed
-
-    def detach(self, request_id: str) -> Sequence:
-        """Stop scheduling a running request but keep its KV, for the last copy of a migration."""
-        seq = self.seqs.get(request_id)
-        if seq is None or seq.status is not SeqStatus.RUNNING:
-            raise EngineError(f"request {request_id!r} is not running")
-        self.scheduler.running.remove(seq)
-        seq.status = SeqStatus.HELD
-        return seq
-
-    def release(self, request_id: str) -> None:
-        self.abort(request_id)
-
-    def remaining_tokens(self, request_id: str) -> int:
-        """Tokens this request may still generate (its max_tokens minus what it has)."""
-        seq = self.seqs[request_id]
-        return seq.params.max_tokens - seq.num_output
-
-    def take_out(self, request_id: str) -> tuple[list[int], KVExport]:
-        """Stop-and-copy migration in one call: detach a running request, copy out all its KV and
-        its sampler state, and free it here. Returns its generated ids and the KV."""
-        seq = self.detach(request_id)
-        try:
-            kv = self.export_kv(request_id)
-        finally:
-            self.release(request_id)
-        return seq.token_ids[seq.prompt_len:], kv
-
-    def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Reserve a request whose KV will arrive in pieces (`receive_kv`), then `finish_receive`."""
-        self._check_request(request_id, prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), self._seeded(params))
-        seq.status = SeqStatus.RECEIVING
-        self.seqs[request_id] = seq
-
-    def receive_kv(self, request_id: str, start: int, kv: KVExport) -> None:
-        """Write KV for tokens [start, start + kv.num_tokens) into this group's cache."""
-        seq = self.seqs[request_id]
-        if seq.status is not SeqStatus.RECEIVING:
-            raise EngineError(f"request {request_id!r} is not receiving KV")
-        if not self.scheduler.grow(seq, start + kv.num_tokens + 1):
-            raise EngineError("no free KV blocks to receive this request now")
-        slots = self._slots(seq, start, start + kv.num_tokens)
-        full = torch.stack((kv.k, kv.v), dim=1)
-        if self.group is not None:
-            self.group.broadcast_object(WriteKV(slots, tuple(full.shape)))
-            self.group.broadcast(full.to(self.runner.dtype).contiguous())
-        self.runner.write_kv(slots, full)
-
-    def finish_receive(self, request_id: str, output_ids: list[int], num_computed: int) -> None:
-        """All KV has landed: the request joins the running batch and decodes from here."""
-        seq = self.seqs[request_id]
-        seq.token_ids = seq.token_ids[: seq.prompt_len] + list(output_ids)
-        if num_computed != len(seq.token_ids) - 1:
-            raise EngineError(f"KV for {num_computed} tokens does not match {len(seq.token_ids)} tokens so far")
-        if not self.scheduler.grow(seq, num_computed + 1):
-            raise EngineError("no free KV blocks to receive this request now")
-        seq.num_computed, seq.status = num_computed, SeqStatus.RUNNING
-        self.scheduler.running.append(seq)
-
-    def add_prefilled(self, request_id: str, prompt_ids: list[int], output_ids: list[int], kv: KVExport,
-                      params: SamplingParams) -> None:
-        """Resume a request whose first `kv.num_tokens` tokens were computed elsewhere."""
-        self.begin_receive(request_id, prompt_ids, params)
-        try:
-            self.receive_kv(request_id, 0, kv)
-            self.finish_receive(request_id, output_ids, kv.num_tokens)
-        except Exception:
-            self.abort(request_id)
-            raise
-
-    # ---- convenience and profiling -------------------------------------------------------------
+    # ---- convenience -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion in one continuous batch; returns each one's generated ids."""
         ids = [f"gen-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
@@ -317,37 +212,6 @@ class LLMEngine:
                 out[o.request_id].extend(o.new_token_ids)
         return [out[rid] for rid in ids]
 
-    def _timed(self, batch: StepBatch, repeats: int) -> float:
-        if self.has_unfinished():
-            raise EngineError("profiling needs an idle engine")
-        self._execute(batch)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._execute(batch)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    def _scratch_table(self, num_tokens: int) -> list[int]:
-        need = -(-num_tokens // self.args.block_size)
-        if need > self.runner.num_blocks:
-            raise BadRequestError(f"{num_tokens} tokens of KV do not fit in {self.runner.num_blocks} blocks")
-        return list(range(need))
-
-    def time_prefill(self, num_tokens: int, repeats: int = 3) -> float:
-        """Seconds for one prefill forward of `num_tokens` tokens (median of `repeats`)."""
-        ids = [i % self.model_config.vocab_size for i in range(num_tokens)]
-        batch = StepBatch(prefill=[SeqChunk(ids, 0, self._scratch_table(num_tokens))], sample_rows=[num_tokens - 1])
-        return self._timed(batch, repeats)
-
-    def time_decode_step(self, batch: int, context: int, repeats: int = 3) -> float:
-        """Seconds for one decode step of `batch` sequences with `context` cached tokens each.
-
-        The sequences share one scratch block table: the step reads as much KV as distinct ones would."""
-        table = self._scratch_table(context + 1)
-        chunks = [SeqChunk([1 + i % 100], context, table) for i in range(batch)]
-        return self._timed(StepBatch(decode=chunks, sample_rows=list(range(batch))), repeats)
-
     def shutdown(self) -> None:
         """Stop the group's other ranks (they return from `serve_rank`) and join spawned ones.
 
@@ -357,7 +221,7 @@ class LLMEngine:
             self.kv_agent = None
         if self.group is not None:
             try:
-                self.group.broadcast_object(Shutdown())
+                self.send_to_ranks(Shutdown())
             except Exception:  # a worker already gone: fall through to terminate
                 log.warning("could not tell workers to stop; terminating them")
         for p in self._procs:

@@ -22,9 +22,9 @@ from services.engine.batch import StepBatch, build_meta
 from services.engine.config import EngineArgs, ModelConfig
 from services.engine.dist import TPGroup
 from services.engine.errors import ModelLoadError
-from services.engine.loader import iter_shards
-from services.engine.model import CausalLM
-from services.engine.sharding import kv_head_range, kv_heads_per_rank
+from services.engine.model.model import CausalLM
+from services.engine.model.sharding import kv_head_range, kv_heads_per_rank
+from services.engine.weights.loader import iter_shards
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ModelRunner:
                  time.perf_counter() - start, self.num_blocks)
 
     def _kv_cache(self, reuse: torch.Tensor | None) -> torch.Tensor:
-        """Zeroed, not empty: padded decode rows read masked slots, and 0 * NaN would poison them.
+        """Zeroed, not empty: padded decode rows read masked positions, and 0 * NaN would poison them.
         A reused cache (contiguous, same dtype and device, room for all `num_blocks`) is not
         zeroed: it holds only K/V values the model wrote, finite, and zeroing a large cache is
         the slowest part of a rebuild on CPU (hundreds of ms per GiB)."""
@@ -104,20 +104,22 @@ class ModelRunner:
         meta = build_meta(batch, self.args.block_size, self.device)
         return self.model(meta, self.kv_cache)
 
-    def _index(self, slots: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = torch.tensor([b for b, _ in slots], dtype=torch.long, device=self.device)
-        offsets = torch.tensor([o for _, o in slots], dtype=torch.long, device=self.device)
+    def _index(self, positions: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = torch.tensor([b for b, _ in positions], dtype=torch.long, device=self.device)
+        offsets = torch.tensor([o for _, o in positions], dtype=torch.long, device=self.device)
         return blocks, offsets
 
-    def read_kv(self, slots: list[tuple[int, int]]) -> torch.Tensor:
-        """This rank's KV at (block, offset) slots: [layers, 2, len(slots), local KV heads, head_dim]."""
-        blocks, offsets = self._index(slots)
+    def read_kv(self, positions: list[tuple[int, int]]) -> torch.Tensor:
+        """This rank's KV at (block, offset) cache positions: [layers, 2, len(positions), local KV
+        heads, head_dim]."""
+        blocks, offsets = self._index(positions)
         return self.kv_cache[blocks, :, :, :, offsets].permute(1, 2, 0, 3, 4).contiguous()
 
-    def write_kv(self, slots: list[tuple[int, int]], full_kv: torch.Tensor) -> None:
-        """Write this rank's heads of a full-head KV tensor [layers, 2, n, all KV heads, d] at `slots`."""
+    def write_kv(self, positions: list[tuple[int, int]], full_kv: torch.Tensor) -> None:
+        """Write this rank's heads of a full-head KV tensor [layers, 2, n, all KV heads, d] at
+        (block, offset) cache `positions`."""
         h0, h1 = kv_head_range(self.cfg, self.rank, self.args.tp)
-        blocks, offsets = self._index(slots)
+        blocks, offsets = self._index(positions)
         mine = full_kv[:, :, :, h0:h1].permute(2, 0, 1, 3, 4).to(self.device, self.dtype)
         self.kv_cache[blocks, :, :, :, offsets] = mine
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from services.engine.batch import SeqChunk, StepBatch
 from services.engine.errors import BadRequestError
-from services.engine.sampling import SamplingParams
+from services.engine.model.sampling import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from services.cluster import ClusterClient
 from services.cluster.client import REDIS_ERRORS
 from services.config import GatewayConfig
+from services.engine.config import context_error
 from services.metrics import CONTENT_TYPE, GatewayMetrics
 from services.rpc import pb
 from services.tasks import TaskSet
@@ -47,7 +48,7 @@ log = logging.getLogger("nitsum.gateway")
 _INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed and tokenized on the event loop
 T = TypeVar("T")
 SERVING_PATHS = ("/v1/completions", "/v1/chat/completions")
-# The engine's MIN_TEMPERATURE (services/engine/sampling.py; importing it would import torch): below
+# The engine's MIN_TEMPERATURE (services/engine/model/sampling.py; importing it would import torch): below
 # it dividing logits by the temperature overflows float32, so such a request is sent as greedy.
 GREEDY_BELOW = 1e-5
 # A top_p below the top token's probability (at least 1/vocab) keeps that token alone, whatever its
@@ -253,10 +254,9 @@ def _prompt_ids(codec: TextCodec, body: Any, chat: bool) -> list[int]:
 def _max_tokens(body: Any, chat: bool, prompt_len: int, max_model_len: int) -> int:
     requested = body.token_budget if chat else body.max_tokens
     max_tokens = requested if requested is not None else (max_model_len - prompt_len if chat else 16)
-    if prompt_len + max(max_tokens, 1) > max_model_len:
-        raise bad_request(f"this model's maximum context length is {max_model_len} tokens; the request has "
-                          f"{prompt_len} prompt tokens and asks for {max_tokens} more",
-                          "messages" if chat else "prompt", "context_length_exceeded")
+    too_long = context_error(prompt_len, max_tokens, max_model_len)
+    if too_long is not None:
+        raise bad_request(too_long, "messages" if chat else "prompt", "context_length_exceeded")
     return max_tokens
 
 

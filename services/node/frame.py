@@ -17,19 +17,18 @@ from abc import ABC, abstractmethod
 
 import grpc
 
-from kvtransfer.block_handoff import backend_of
-from kvtransfer.group_transfer import open_agents
+from kvtransfer.base import KVHandoff
+from kvtransfer.group_transfer import backend_of, open_agents
 from services.cluster import ClusterClient, GroupRecord, SlotRecord
 from services.config import NodeConfig
 from services.engine import EngineArgs, EngineError, LLMEngine, RequestOutput, SamplingParams
 from services.metrics import NodeMetrics
-from services.rpc import pb
+from services.rpc import CHANNEL_OPTIONS, pb
 from services.tasks import TaskSet
 
 from .engine_loop import EngineLoop
 
 log = logging.getLogger("nitsum.node")
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 def engine_args(config: NodeConfig) -> EngineArgs:
@@ -75,6 +74,11 @@ class GroupLeader(ABC):
     async def on_cancel(self, request_id: str) -> None:
         """The client of this request went away."""
 
+    @abstractmethod
+    async def drain(self, command: pb.DrainCommand) -> tuple[pb.DrainResult, list[KVHandoff]]:
+        """For a reconfiguration: take no new work and empty the group (the role says how). Returns
+        what happened and the requests taken out that no group took, for the slot to park."""
+
     async def serve(self) -> int:
         """A static group's whole life (`nitsum prefill` / `nitsum decode`): load, serve, stop on a signal."""
         loop = asyncio.get_running_loop()
@@ -97,7 +101,7 @@ class GroupLeader(ABC):
         await self._open_kv_agents(engine)
         self.loop = EngineLoop(self.engine, self.on_outputs)
         self.loop.start()
-        self.server = server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.add_services(server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
@@ -191,10 +195,6 @@ class GroupLeader(ABC):
         return pb.HealthReply(ready=self.loop is not None and self.loop.failure is None, group_id=self.config.group_id,
                               role=self.config.role, tp=self.config.tp, epoch=self.config.epoch,
                               running=s.running if s else 0, free_kv_blocks=s.free_blocks if s else 0)
-
-
-def error(kind: int, message: str, retry_after_s: float = 0.0) -> pb.Error:
-    return pb.Error(kind=kind, message=message, retry_after_s=retry_after_s)  # type: ignore[arg-type]
 
 
 def sampling_of(p: pb.SamplingParams) -> SamplingParams:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from services.cliutil import fail, setup_logging
-from services.config import RedisSettings
+from services.config import RedisSettings, SlotConfig
 
 KV_BACKENDS = ("grpc", "auto", "nixl", "local")
 
@@ -45,8 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.node.slot import Slot, SlotConfig
-
     setup_logging()
     model = Path(args.model)
     if not (model / "config.json").is_file():
@@ -65,16 +63,29 @@ def run(args: argparse.Namespace) -> int:
                         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), dist_timeout_s=args.dist_timeout,
                         dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                         kv_backend=args.kv_backend)
-    return asyncio.run(Slot(config).serve())
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: SlotConfig) -> int:
+    """The composition root of a slot process: the slot gets the roles it may host. (Imported
+    here, after `_keep_host_memory`: torch and the roles must not start threads before it.)"""
+    from decode_node.migration import ParkingLot
+    from decode_node.service import DecodeLeader
+    from prefill_node.service import PrefillLeader
+    from services.node.roles import Roles
+    from services.node.slot import Slot
+
+    roles = Roles(leaders={"prefill": PrefillLeader, "decode": DecodeLeader}, parking=ParkingLot(config.redis))
+    return await Slot(config, roles).serve()
 
 
 def _keep_host_memory(model: Path, args: argparse.Namespace) -> None:
-    """Before any thread starts: keep freed memory for the next epoch's weights (engine/hostmem.py).
+    """Before any thread starts: keep freed memory for the next epoch's weights (services/engine/weights/hostmem.py).
     A TP 2 -> 1 switch holds the old shard and the new whole model, each plain and packed; the
     KV cache comes out of the same reserve (allocated once, lent to every epoch)."""
     from services.engine.config import EngineArgs, ModelConfig
     from services.engine.errors import ModelLoadError
-    from services.engine.hostmem import keep_freed_memory
+    from services.engine.weights.hostmem import keep_freed_memory
 
     if args.host_reserve_gib is not None:
         reserve = int(args.host_reserve_gib * (1 << 30))

@@ -1,9 +1,16 @@
-"""gRPC messages and services between Nitsum's processes (see nitsum.proto); regenerate with gen.sh."""
+"""gRPC messages and services between Nitsum's processes (see nitsum.proto; regenerate with gen.sh),
+the one channel pool every client uses, and the one way to build an error."""
 
 from . import nitsum_pb2 as pb
 from . import nitsum_pb2_grpc as pb_grpc
+from .channels import CHANNEL_OPTIONS, ChannelPool
 
-__all__ = ["engine_id", "pb", "pb_grpc", "request_of"]
+__all__ = ["CHANNEL_OPTIONS", "ChannelPool", "engine_id", "error", "pb", "pb_grpc", "request_of"]
+
+
+def error(kind: int, message: str, retry_after_s: float = 0.0) -> pb.Error:
+    """An error for a reply or a token event: its kind says whose fault it is (nitsum.proto)."""
+    return pb.Error(kind=kind, message=message, retry_after_s=retry_after_s)  # type: ignore[arg-type]
 
 
 def engine_id(request: pb.QueuedRequest) -> str:

@@ -239,18 +239,202 @@ class ReleaseKVReply(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
+class Layout(_message.Message):
+    __slots__ = ("tp", "rank")
+    TP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    tp: int
+    rank: int
+    def __init__(self, tp: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class SlotLayout(_message.Message):
+    __slots__ = ("slot", "layout")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    layout: Layout
+    def __init__(self, slot: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
+
+class GroupAddress(_message.Message):
+    __slots__ = ("group_id", "address")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    address: str
+    def __init__(self, group_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("epoch", "group_id", "role", "tp", "rank")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    group_id: str
+    role: str
+    tp: int
+    rank: int
+    def __init__(self, epoch: _Optional[int] = ..., group_id: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class StatusCommand(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResult(_message.Message):
+    __slots__ = ("index", "pid", "address", "held", "group", "held_bytes", "serving", "parked", "kv_backend")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
+    KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    address: str
+    held: Layout
+    group: Assignment
+    held_bytes: int
+    serving: bool
+    parked: int
+    kv_backend: str
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., address: _Optional[str] = ..., held: _Optional[_Union[Layout, _Mapping]] = ..., group: _Optional[_Union[Assignment, _Mapping]] = ..., held_bytes: _Optional[int] = ..., serving: _Optional[bool] = ..., parked: _Optional[int] = ..., kv_backend: _Optional[str] = ...) -> None: ...
+
+class OpenStoreCommand(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenStoreResult(_message.Message):
+    __slots__ = ("addr",)
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    addr: str
+    def __init__(self, addr: _Optional[str] = ...) -> None: ...
+
+class DrainCommand(_message.Message):
+    __slots__ = ("finish_within", "wait_s", "targets")
+    FINISH_WITHIN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    finish_within: int
+    wait_s: float
+    targets: _containers.RepeatedCompositeFieldContainer[GroupAddress]
+    def __init__(self, finish_within: _Optional[int] = ..., wait_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[GroupAddress, _Mapping]]] = ...) -> None: ...
+
+class DrainResult(_message.Message):
+    __slots__ = ("finished", "migrated", "parked", "in_flight")
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    finished: int
+    migrated: int
+    parked: int
+    in_flight: int
+    def __init__(self, finished: _Optional[int] = ..., migrated: _Optional[int] = ..., parked: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class ReleaseCommand(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseResult(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReshardCommand(_message.Message):
+    __slots__ = ("store", "prefix", "held", "need")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    NEED_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    prefix: str
+    held: _containers.RepeatedCompositeFieldContainer[SlotLayout]
+    need: _containers.RepeatedCompositeFieldContainer[SlotLayout]
+    def __init__(self, store: _Optional[str] = ..., prefix: _Optional[str] = ..., held: _Optional[_Iterable[_Union[SlotLayout, _Mapping]]] = ..., need: _Optional[_Iterable[_Union[SlotLayout, _Mapping]]] = ...) -> None: ...
+
+class ReshardResult(_message.Message):
+    __slots__ = ("kept_bytes", "peer_bytes", "disk_bytes", "sent_bytes", "seconds")
+    KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kept_bytes: int
+    peer_bytes: int
+    disk_bytes: int
+    sent_bytes: int
+    seconds: float
+    def __init__(self, kept_bytes: _Optional[int] = ..., peer_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ActivateCommand(_message.Message):
+    __slots__ = ("group", "store", "prefix")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    group: Assignment
+    store: str
+    prefix: str
+    def __init__(self, group: _Optional[_Union[Assignment, _Mapping]] = ..., store: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
+
+class ActivateResult(_message.Message):
+    __slots__ = ("address", "seconds")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    seconds: float
+    def __init__(self, address: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ResumeCommand(_message.Message):
+    __slots__ = ("targets",)
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[GroupAddress]
+    def __init__(self, targets: _Optional[_Iterable[_Union[GroupAddress, _Mapping]]] = ...) -> None: ...
+
+class ResumeResult(_message.Message):
+    __slots__ = ("migrated", "parked")
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
+    migrated: int
+    parked: int
+    def __init__(self, migrated: _Optional[int] = ..., parked: _Optional[int] = ...) -> None: ...
+
 class SlotCommand(_message.Message):
-    __slots__ = ("verb", "args_json")
-    VERB_FIELD_NUMBER: _ClassVar[int]
-    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
-    verb: str
-    args_json: str
-    def __init__(self, verb: _Optional[str] = ..., args_json: _Optional[str] = ...) -> None: ...
+    __slots__ = ("status", "open_store", "drain", "release", "reshard", "activate", "resume")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STORE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RESHARD_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    status: StatusCommand
+    open_store: OpenStoreCommand
+    drain: DrainCommand
+    release: ReleaseCommand
+    reshard: ReshardCommand
+    activate: ActivateCommand
+    resume: ResumeCommand
+    def __init__(self, status: _Optional[_Union[StatusCommand, _Mapping]] = ..., open_store: _Optional[_Union[OpenStoreCommand, _Mapping]] = ..., drain: _Optional[_Union[DrainCommand, _Mapping]] = ..., release: _Optional[_Union[ReleaseCommand, _Mapping]] = ..., reshard: _Optional[_Union[ReshardCommand, _Mapping]] = ..., activate: _Optional[_Union[ActivateCommand, _Mapping]] = ..., resume: _Optional[_Union[ResumeCommand, _Mapping]] = ...) -> None: ...
 
 class SlotReply(_message.Message):
-    __slots__ = ("error", "result_json")
+    __slots__ = ("error", "status", "open_store", "drain", "release", "reshard", "activate", "resume")
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STORE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RESHARD_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     error: Error
-    result_json: str
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., result_json: _Optional[str] = ...) -> None: ...
+    status: StatusResult
+    open_store: OpenStoreResult
+    drain: DrainResult
+    release: ReleaseResult
+    reshard: ReshardResult
+    activate: ActivateResult
+    resume: ResumeResult
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., status: _Optional[_Union[StatusResult, _Mapping]] = ..., open_store: _Optional[_Union[OpenStoreResult, _Mapping]] = ..., drain: _Optional[_Union[DrainResult, _Mapping]] = ..., release: _Optional[_Union[ReleaseResult, _Mapping]] = ..., reshard: _Optional[_Union[ReshardResult, _Mapping]] = ..., activate: _Optional[_Union[ActivateResult, _Mapping]] = ..., resume: _Optional[_Union[ResumeResult, _Mapping]] = ...) -> None: ...

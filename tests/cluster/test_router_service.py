@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 
-from router.service import Router
+from router.live.service import Router
 from services.cluster import ClusterClient, GroupRecord
 from services.cluster.redis_server import RedisServer
 from services.config import RedisSettings, RouterConfig, TierPolicy
@@ -65,25 +65,55 @@ async def _fake_groups(c: ClusterClient) -> tuple[grpc.aio.Server, FakePrefill]:
     return server, fake
 
 
-def test_dispatch_and_shed_with_a_reason(redis_server: RedisServer) -> None:
+def test_a_full_tier_refuses_at_the_queue_and_the_rest_is_dispatched(redis_server: RedisServer) -> None:
     async def body() -> None:
         prefix = f"rt{uuid.uuid4().hex[:6]}:"
         c = ClusterClient(redis_server.url, prefix)
         await c.ensure_queues(["fast", "slow"])
-        for i in range(4):  # the fast tier holds 2: two of these are shed
-            await c.enqueue(_request(f"f{i}"))
+        # The fast tier holds 2: the queue refuses the rest (the gateway answers them 429).
+        added = [(await c.enqueue_if_room(_request(f"f{i}"), POLICY.tier("fast").queue_limit)) for i in range(4)]
+        assert [entry is not None for entry, _ in added] == [True, True, False, False] and added[3][1] == 2
         router = Router(_config(redis_server.url, prefix, "r1"), ClusterClient(redis_server.url, prefix))
         stop = asyncio.Event()
         task = asyncio.create_task(router.run(stop))
-        # no group yet: the router sheds the fast tier's excess and keeps the rest queued
-        shed = [rid for rid in ("f2", "f3") if (ev := await _events(c, rid)) and ev[0].error.kind == pb.OVERLOADED]
-        assert shed == ["f2", "f3"]
-        assert "queue" in (await _events(c, "f2"))[0].error.message and (await _events(c, "f2"))[0].error.retry_after_s > 0
+        await asyncio.sleep(0.3)  # no group yet: what is queued stays queued, nothing is shed
+        assert not await _events(c, "f0", timeout_s=0.1) and await c.queue_depth("fast") == 2
         server, fake = await _fake_groups(c)
         for rid in ("f0", "f1"):
             assert (await _events(c, rid))[0].finish_reason == "length"
         assert sorted(r.request.request_id for r in fake.seen) == ["f0", "f1"]
         assert all(r.decode_group == "d0" and r.decode_address == "127.0.0.1:1" for r in fake.seen)
+        await asyncio.sleep(0.3)
+        assert await c.queue_depth("fast") == 0  # dispatched and shed entries are acked and deleted
+        stop.set()
+        await task
+        await server.stop(None)
+        await router.cluster.close()
+        await c.close()
+    asyncio.run(body())
+
+
+def test_overload_is_shed_with_a_reason_and_a_retry_after(redis_server: RedisServer) -> None:
+    """More prompt tokens queued than the prefill groups can clear within the tiers' patience: the
+    newest are shed, each with an OVERLOADED event saying why and when to retry, and acked."""
+    policy = TierPolicy(tiers=(Tier("fast", ttft_s=0.01, tpot_s=0.1, max_wait_s=0.01),), default_tier="fast")
+
+    async def body() -> None:
+        prefix = f"rt{uuid.uuid4().hex[:6]}:"
+        c = ClusterClient(redis_server.url, prefix)
+        await c.ensure_queues(["fast"])
+        server, _ = await _fake_groups(c)  # one prefill group: 20k tokens/s, 0.02 s of patience: 400 tokens
+        for i in range(4):
+            await c.enqueue(pb.QueuedRequest(request_id=f"o{i}", tier="fast", arrival_s=1.0 + i, prompt_ids=[1] * 300,
+                                             sampling=pb.SamplingParams(max_tokens=4)))
+        config = RouterConfig(router_id="r1", redis=RedisSettings(url=redis_server.url, prefix=prefix), policy=policy)
+        router = Router(config, ClusterClient(redis_server.url, prefix))
+        stop = asyncio.Event()
+        task = asyncio.create_task(router.run(stop))
+        shed = [ev[0].error for rid in ("o1", "o2", "o3") if (ev := await _events(c, rid))]
+        assert [e.kind for e in shed] == [pb.OVERLOADED] * 3
+        assert all("overloaded" in e.message and e.retry_after_s > 0 for e in shed)
+        assert (await _events(c, "o0"))[0].finish_reason == "length"  # the oldest fits, and is served
         await asyncio.sleep(0.3)
         assert await c.queue_depth("fast") == 0  # dispatched and shed entries are acked and deleted
         stop.set()

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from services.cluster import ClusterClient, GroupRecord
+from services.cluster import ClusterClient, GroupRecord, PlanDoc
 from services.cluster.redis_server import RedisServer
 from services.rpc import pb
 
@@ -167,8 +167,11 @@ def test_plan_roundtrip(redis_server: RedisServer) -> None:
     async def body() -> None:
         c = await _client(redis_server)
         assert await c.get_plan() is None
-        await c.set_plan(3, {"groups": [{"role": "prefill", "tp": 1, "slots": [0]}]})
-        assert await c.get_plan() == (3, {"groups": [{"role": "prefill", "tp": 1, "slots": [0]}]})
+        plan = '{"groups": [{"role": "prefill", "tp": 1, "slots": [0]}]}'
+        await c.set_plan(PlanDoc(3, plan, reconfiguring=True))
+        stored = await c.get_plan()
+        assert stored is not None and (stored.epoch, stored.plan, stored.target, stored.reconfiguring) == (3, plan, "", True)
+        assert stored.set_at > 0
         await c.close()
     run(body())
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from router.plans import parse_plan
+from router.decide.plans import parse_plan
 
 from .conftest import env_example, load_compose, nitsum_services, nitsum_subcommands, option_value
 

@@ -65,9 +65,10 @@ def slots(redis_url: str) -> dict[str, Any]:
     out = {}
     for key in client.scan_iter("nitsum:slot:*"):
         with grpc.insecure_channel(client.hget(key, "address") or "") as channel:
-            reply = pb_grpc.SlotControlStub(channel).Command(pb.SlotCommand(verb="status"), timeout=10)
-        status = json.loads(reply.result_json)
-        out[str(status["index"])] = status
+            reply = pb_grpc.SlotControlStub(channel).Command(pb.SlotCommand(status=pb.StatusCommand()), timeout=10)
+        s = reply.status
+        group = {"tp": s.group.tp, "rank": s.group.rank, "role": s.group.role} if s.HasField("group") else None
+        out[str(s.index)] = {"index": s.index, "address": s.address, "group": group, "kv_backend": s.kv_backend}
     client.close()
     return out
 

@@ -7,11 +7,9 @@ the block backend, and no KV block stays in use afterwards."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import openai
@@ -37,10 +35,10 @@ def mesh(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield m
 
 
-def _slot_status(address: str) -> dict[str, Any]:
+def _slot_status(address: str) -> pb.StatusResult:
     with grpc.insecure_channel(address) as channel:
-        reply = pb_grpc.SlotControlStub(channel).Command(pb.SlotCommand(verb="status"), timeout=10)
-    return json.loads(reply.result_json)
+        reply = pb_grpc.SlotControlStub(channel).Command(pb.SlotCommand(status=pb.StatusCommand()), timeout=10)
+    return reply.status
 
 
 def _count(mesh: Mesh, line: str) -> int:
@@ -63,7 +61,7 @@ def test_block_handoff_serves_every_plan_with_the_engines_greedy_text(mesh: Mesh
               f"the groups of {plan}")
 
     leaders = [s for s in records(mesh, "slot") if s.get("group_id") and int(s["rank"]) == 0]
-    backends = {s["role"]: _slot_status(s["address"])["kv_backend"] for s in leaders}
+    backends = {s["role"]: _slot_status(s["address"]).kv_backend for s in leaders}
     assert backends == dict.fromkeys(("prefill", "decode"), "nixl" if nixl_works() else "local"), backends
 
     rng = random.Random(8)  # prompts with no near-tie between kernels at TP 1 and 2

@@ -152,7 +152,7 @@ def start_mesh(procs: Processes, model: Path) -> None:
             "--redis-url", redis_url, "--kv-backend", KV_BACKEND, "--kv-cache-gib", "0.25", "--max-num-seqs", "8",
             "--dist-timeout", "30"], SLOT_ENV)
     # The router stores the plan (slot 2 idle) and brings the slots to it once they register.
-    procs.spawn("router", "a", ["router.service_cli", "--redis-url", redis_url, "--host", a,
+    procs.spawn("router", "a", ["router.live.service_cli", "--redis-url", redis_url, "--host", a,
                                 "--admin-port", str(ADMIN_PORT), "--plan", "p1,d1", "--slots", "3"],
                 {"NITSUM_ADMIN_KEY": ADMIN_KEY})
     procs.spawn("gateway", "a", ["services.gateway", "--model", str(model), "--host", a,

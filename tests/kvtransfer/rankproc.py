@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtransfer.agent import BlockTransfer, BlockTransferState, make_agent
+from kvtransfer.agent import make_agent
+from kvtransfer.agent_base import BlockTransfer
+from kvtransfer.state import TransferState
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def worker_main(spec: RankSpec, commands: Any, events: Any) -> None:
         states = {tid: t.poll() for tid, t in transfers.items()}
         for tid, st in states.items():
             first.setdefault(tid, st.value)
-        if run is not None and not started and all(s is not BlockTransferState.BOOTSTRAPPING for s in states.values()):
+        if run is not None and not started and all(s is not TransferState.BOOTSTRAPPING for s in states.values()):
             started = True
             events.put(Started(spec.name))
             if run.cancel_when_started:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvtransfer.agent import AgentInfo, check_descriptors, chunk_descriptors, make_agent
+from kvtransfer.agent import make_agent
+from kvtransfer.agent_base import AgentInfo, check_descriptors, chunk_descriptors
 from kvtransfer.nixl_backend import nixl_works
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from kvtransfer.remap import BlockLayout, expand_plan, kv_head_range, plan_transfer
 from services.engine.config import ModelConfig
-from services.engine.sharding import kv_head_range as engine_kv_head_range
+from services.engine.model.sharding import kv_head_range as engine_kv_head_range
 
 LAYERS, BLOCK, HEAD_DIM, ELEM = 3, 4, 8, 2
 CASES = [(k, a, b) for k in (4, 2) for a, b in itertools.product((1, 2, 4), repeat=2)]

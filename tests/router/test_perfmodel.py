@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.perfmodel import DEVICES, MODELS, Efficiency, PerfModel
+from router.decide.perfmodel import DEVICES, MODELS, Efficiency, PerfModel
 from router.profile import Profile, ProfilePoint, fit, relative_errors
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.plans import Plan, enumerate_plans, parse_plan
+from router.decide.plans import Plan, enumerate_plans, parse_plan
 
 
 def test_parse_assigns_slots_in_order() -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import router.cli as cli
-from router.perfmodel import DEVICES, Efficiency, ModelSpec, PerfModel
+from router.decide.perfmodel import DEVICES, Efficiency, ModelSpec, PerfModel
 from router.profile import Profile, measure, relative_errors
 
 SHAPE = ModelSpec("tiny", 256, 4, 4, 2, 64, 512, 1000, dtype_bytes=4)

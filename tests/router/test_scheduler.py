@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from router.scheduler import GroupState, QueuedRequest, SchedulerSnapshot, schedule
+from router.decide.scheduler import GroupState, PendingRequest, SchedulerSnapshot, schedule
 from services.tiers import DEFAULT_TIERS, Tier
 
 
-def q(rid: str, tier: str, at: float, prompt: int = 100, out: int = 100) -> QueuedRequest:
-    return QueuedRequest(rid, tier, at, prompt, out)
+def q(rid: str, tier: str, at: float, prompt: int = 100, out: int = 100) -> PendingRequest:
+    return PendingRequest(rid, tier, at, prompt, out)
 
 
 def group(gid: str, role: str = "colocated", kv: int = 10_000, running: int = 0, max_running: int = 64,
@@ -53,12 +53,14 @@ def test_disaggregated_placement_uses_prefill_and_decode_groups() -> None:
     assert (d.dispatch[0].prefill_group, d.dispatch[0].decode_group) == ("p", "d")
 
 
-def test_full_tier_queue_sheds_its_newest_with_a_reason() -> None:
-    tiers = (Tier("interactive", 0.5, 0.05, queue_limit=2), Tier("batch", 30.0, 0.5, weight=0.5))
+def test_a_full_tier_has_no_room_and_the_scheduler_leaves_that_to_arrival() -> None:
+    """`Tier.has_room` is the one queue-limit rule (the gateway's 429, the simulator's arrivals):
+    the scheduler does not shed a tier for its queue's length."""
+    tier = Tier("interactive", 0.5, 0.05, queue_limit=2)
+    assert tier.has_room(1) and not tier.has_room(2)
     queued = tuple(q(str(i), "interactive", float(i)) for i in range(4))
-    d = schedule(SchedulerSnapshot(5.0, tiers, queued, ()))
-    assert sorted(s.request_id for s in d.shed) == ["2", "3"]
-    assert all("queue full" in s.reason and s.retry_after_s > 0 for s in d.shed)
+    d = schedule(SchedulerSnapshot(5.0, (tier, Tier("batch", 30.0, 0.5, weight=0.5)), queued, ()))
+    assert not d.shed
 
 
 def test_overload_sheds_lowest_tier_first() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from router.perfmodel import PerfModel
-from router.planner import Planner, PlannerConfig
-from router.plans import Group
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import Planner, PlannerConfig
+from router.decide.plans import Group
 from router.sim.cluster import SimConfig, SimResult, Simulator
 from router.sim.group import SimGroup
 from router.sim.policies import run_variant, variants
@@ -111,3 +111,17 @@ def test_deadline_aware_engine_prefills_the_urgent_prompt_first() -> None:
     fifo.prefill_q.extend([[0, 3000, 0], [1, 3000, 0]])
     fifo.start(0.0, lambda rid, t: None)
     assert fifo.it_prefilled == [0]
+
+
+def test_an_arrival_to_a_full_tier_queue_is_shed_as_the_gateway_answers_429() -> None:
+    """The queue limit, applied where requests arrive (`Tier.has_room`, as the gateway does)."""
+    from router.decide.plans import parse_plan
+    from router.sim.trace import TraceRequest
+    from services.tiers import Tier
+
+    tiers = (Tier("interactive", 0.5, 0.05, weight=4.0, queue_limit=3),)
+    burst = [TraceRequest(0.0, 100_000, 10, "interactive", "code") for _ in range(8)]
+    res = Simulator(burst, PERF, tiers, parse_plan("c8", 8), SimConfig()).run()
+    check_accounting(res)
+    full = [i for i, why in res.shed_reason.items() if "queue full" in why]
+    assert full == [3, 4, 5, 6, 7]  # the first three queue; each later arrival finds the tier full

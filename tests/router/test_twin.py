@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from router.perfmodel import PerfModel
-from router.planner import Planner, PlannerConfig
-from router.plans import parse_plan
+from router.decide.perfmodel import PerfModel
+from router.decide.planner import Planner, PlannerConfig
+from router.decide.plans import parse_plan
+from router.decide.workload import WorkloadEstimate
 from router.sim.cluster import SimConfig, Simulator
 from router.sim.trace import load_traces
 from router.sim.twin import Twin, TwinConfig
-from router.workload import WorkloadEstimate
 from services.tiers import DEFAULT_TIERS
 
 PERF = PerfModel.builtin("h200", "llama-3.1-70b")
@@ -58,7 +58,7 @@ def test_twin_measures_the_plan_that_serves_long_interactive_prompts(make_trace)
         twin.arrive(r.arrival_s, r.tier, r.prompt_tokens)
         gains = dict(twin.gains(r.arrival_s, start, IDLE))
     assert gains["c8"] > 1.0  # more than twice the goodput
-    decision = planner.decide(reqs[-1].arrival_s, start, IDLE, measured=gains)
+    decision, _ = planner.decide(reqs[-1].arrival_s, start, IDLE, measured=gains)
     assert decision.changed and decision.plan.to_str() == "c8" and "measured" in decision.explanation
 
 

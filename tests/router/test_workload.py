@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.workload import WorkloadEstimator
+from router.decide.workload import WorkloadEstimator
 
 
 def test_rates_and_lengths_follow_the_window() -> None:
