@@ -8,7 +8,7 @@ from typing import Protocol
 
 class TextCodec(Protocol):
     eos_token_ids: set[int]
-    vocab_size: int  # prompt token ids must be below it
+    vocab_size: int  # prompt token ids must be below it: the model's vocabulary (its embedding rows)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -22,5 +22,9 @@ def load_codec(model_dir: Path) -> TextCodec:
     from services.engine.config import ModelConfig
     from services.engine.tokenizer import Tokenizer
 
-    eos = ModelConfig.from_dir(model_dir).eos_token_ids
-    return Tokenizer(model_dir, extra_eos_ids=tuple(eos))
+    cfg = ModelConfig.from_dir(model_dir)
+    tokenizer = Tokenizer(model_dir, extra_eos_ids=tuple(cfg.eos_token_ids))
+    # Token-id prompts are checked as the engine checks them: against the model's embedding rows,
+    # which a checkpoint's tokenizer may number differently (padded vocabularies, extra tokens).
+    tokenizer.vocab_size = cfg.vocab_size
+    return tokenizer

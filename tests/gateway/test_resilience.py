@@ -177,3 +177,18 @@ def test_openapi_describes_the_post_bodies_and_their_answers(gateway) -> None:  
         for part in ref.removeprefix("#/").split("/"):
             node = node[part]
     assert "$defs" not in json.dumps(doc["paths"])
+
+
+def test_token_id_prompts_are_bounded_by_the_models_vocabulary(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The engine's rule: ids below the model's embedding rows, whatever the tokenizer numbers
+    (a checkpoint whose tokenizer knows fewer tokens than the model embeds, as `small` does)."""
+    import json
+
+    from services.engine.make_model import make_model
+    from services.gateway.codec import load_codec
+
+    model = make_model("tiny", tmp_path / "m", "float32", seed=0)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vocab_size"] = 1000  # more rows than the tokenizer's words
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert load_codec(model).vocab_size == 1000
