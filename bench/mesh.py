@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.engine.config import ModelConfig
     from services.launch import LaunchConfig, Mesh
 
-    model = Path(args.model) if args.model else _small_model()
+    model = Path(args.model) if args.model else small_model()
     ids = prompts(ModelConfig.from_dir(model).vocab_size, args.requests, args.prompt_tokens)
     engine = EngineOnly(model, args.device, args.max_tokens)
     mesh = None
@@ -211,7 +211,7 @@ def report(args: argparse.Namespace, got: dict[str, list[Timing]]) -> dict[str, 
     return out
 
 
-def _small_model() -> Path:
+def small_model() -> Path:
     path = Path(".nitsum/models/small")
     if not (path / "config.json").is_file():
         from services.engine.make_model import make_model

@@ -119,6 +119,7 @@ class RequestResult:
     completion_tokens: int = 0
     met: bool = False
     error: str | None = None
+    retry_after: str | None = None  # the Retry-After header of a 429 or 503
 
 
 def fit_to_context(prompt: int, output: int, token_scale: float, context_len: int, output_cap: int) -> tuple[int, int]:
@@ -221,6 +222,8 @@ async def send_one(client: openai.AsyncOpenAI, model: str, request: ReplayReques
                 last_at = now
     except Exception as e:  # every failure is a result, never a crash of the replay
         result.outcome, result.status = _outcome_of(e)
+        if isinstance(e, openai.APIStatusError):
+            result.retry_after = e.response.headers.get("retry-after")
         result.error = f"{type(e).__name__}: {e}"[:300]
         result.finished_s = time.monotonic() - t0
         return

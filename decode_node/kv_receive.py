@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from kvtransfer.group_transfer import backend_of, receive_blocks, reserve_blocks
 from services.engine import BadRequestError, EngineError, LLMEngine, SamplingParams
 from services.node.engine_loop import EngineLoop
+from services.node.frame import slo_of
 from services.rpc import engine_id, error, pb
 from services.tasks import TaskSet
 
@@ -51,7 +52,8 @@ class BlockReceiver:
                                                                   f"over {self.backend!r}, not {req.backend!r}"))
         timeout_s = min(req.timeout_s or self.timeout_s, self.timeout_s)
         try:
-            blocks = await self.loop.call(reserve_blocks, self.engine, rid, list(q.prompt_ids), params, req.num_tokens)
+            blocks = await self.loop.call(reserve_blocks, self.engine, rid, list(q.prompt_ids), params, req.num_tokens,
+                                          slo_of(q))
         except BadRequestError as e:
             return pb.ReserveKVReply(error=error(pb.BAD_REQUEST, str(e)))
         except EngineError as e:

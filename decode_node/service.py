@@ -21,7 +21,7 @@ from kvtransfer.grpc_backend import GrpcKVReceiver
 from services.config import NodeConfig
 from services.engine import BadRequestError, EngineError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, sampling_of
+from services.node.frame import GroupLeader, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .kv_receive import BlockReceiver
@@ -71,7 +71,7 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         self._requests[eid] = q
         try:
             await self.loop.call(self.engine.add_prefilled, eid, list(q.prompt_ids), list(handoff.output_ids),
-                                 handoff.kv, sampling_of(q.sampling))
+                                 handoff.kv, sampling_of(q.sampling), slo_of(q))
         except BadRequestError as e:
             self._forget(eid)
             return error(pb.BAD_REQUEST, str(e))

@@ -33,6 +33,7 @@ import torch
 
 from services.engine import LLMEngine, SamplingParams
 from services.engine.errors import EngineError
+from services.engine.policy import NO_SLO, SLO
 from services.engine.worker import RankContext, register_handler
 
 from .agent import make_agent
@@ -198,9 +199,9 @@ def run_sends(agent: RankAgent, msg: SendKVBlocks, rank: int) -> bool:
 
 
 def reserve_blocks(engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                   num_tokens: int) -> list[int]:
+                   num_tokens: int, slo: SLO = NO_SLO) -> list[int]:
     """Reserve a request that will receive KV for `num_tokens` tokens; its block ids in order."""
-    return engine.reserve_kv(request_id, prompt_ids, params, num_tokens)
+    return engine.reserve_kv(request_id, prompt_ids, params, num_tokens, slo)
 
 
 def receive_blocks(engine: LLMEngine, request_id: str, src_tp: int, transfer_id: str, timeout_s: float) -> bool:

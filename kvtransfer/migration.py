@@ -44,7 +44,7 @@ def migrate(src: LLMEngine, dst: LLMEngine, request_id: str, keep_decoding: Call
             channel: KVChannel | None = None, max_rounds: int = 8) -> MigrationReport:
     """Move `request_id` from `src` to `dst`. `keep_decoding` runs source steps between rounds."""
     channel = channel or local_channel(dst)
-    dst.begin_receive(request_id, *src.prompt_of(request_id))
+    dst.begin_receive(request_id, *src.prompt_of(request_id), src.slo_of(request_id))
     copied, rounds = 0, 0
     try:
         while rounds < max_rounds:

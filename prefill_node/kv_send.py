@@ -41,6 +41,9 @@ class BlockSender:
         self.backend = backend_of(engine)
         self._channels = ChannelPool()
         self._attempts = 0
+        # KV bytes a token holds across the group's ranks (each rank writes its heads' share).
+        cache = engine.runner.kv_cache
+        self.token_bytes = cache[0].numel() * cache.element_size() // engine.args.block_size * engine.args.tp
 
     def _stub(self, address: str) -> pb_grpc.DecodeStub:
         return pb_grpc.DecodeStub(self._channels.get(address))
@@ -66,6 +69,7 @@ class BlockSender:
         err = await self._send_and_commit(stub, rid, tid, output_ids, target, reply)
         if err is None:
             self.metrics.kv_transfer_seconds.observe(time.perf_counter() - started)
+            self.metrics.kv_transfer_bytes.labels("sent").inc(num_tokens * self.token_bytes)
             return None
         try:
             await stub.ReleaseKV(pb.ReleaseKVRequest(request_id=rid, transfer_id=tid), timeout=5.0)

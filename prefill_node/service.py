@@ -26,7 +26,7 @@ from kvtransfer.grpc_backend import GrpcKVBackend
 from services.config import NodeConfig
 from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, sampling_of
+from services.node.frame import GroupLeader, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
@@ -119,7 +119,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         self._waiting[eid] = waiter
         try:
             await self.loop.call(self.engine.add_request, eid, list(q.prompt_ids), sampling_of(q.sampling), True,
-                                 list(q.resume_ids))
+                                 list(q.resume_ids), slo_of(q))
         except BadRequestError as e:
             self._waiting.pop(eid, None)
             err = error(pb.BAD_REQUEST, str(e))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -76,6 +77,10 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     prof.add_argument("--device-spec", choices=sorted(DEVICES), help="roofline numbers to fit against")
     prof.add_argument("--tp", type=int, nargs="+", default=[1])
+    prof.add_argument("--plan", help="profile the slots as `nitsum up --plan PLAN` runs them on this host: its TP "
+                                     "degrees, each rank with its share of the cores (overrides --tp)")
+    prof.add_argument("--threads", type=int, help="CPU threads per rank (default: with --plan, the cores over the "
+                                                  "plan's slots; else torch's default)")
     prof.add_argument("--prefill-tokens", type=_floats, default=[16.0, 64.0, 256.0])
     prof.add_argument("--batches", type=_floats, default=[1.0, 4.0, 16.0])
     prof.add_argument("--contexts", type=_floats, default=[32.0, 256.0])
@@ -182,8 +187,18 @@ def _brief(s: Any) -> dict[str, Any]:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from router.profile import measure, relative_errors
 
-    prof = measure(args.model, args.device, args.tp, [int(x) for x in args.prefill_tokens],
-                   [int(x) for x in args.batches], [int(x) for x in args.contexts], args.device_spec)
+    tps, threads = list(args.tp), args.threads
+    if args.plan:
+        try:
+            plan = parse_plan(args.plan)
+        except ValueError as e:
+            raise UserError(f"--plan {args.plan}: {e}") from None
+        tps = sorted({g.tp for g in plan.groups})
+        threads = threads or max(1, (os.cpu_count() or 1) // sum(g.tp for g in plan.groups))
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: give 1 or more")
+    prof = measure(args.model, args.device, tps, [int(x) for x in args.prefill_tokens],
+                   [int(x) for x in args.batches], [int(x) for x in args.contexts], args.device_spec, threads)
     with open(args.out, "w") as f:
         f.write(prof.to_json())
     errs = relative_errors(prof.perf_model(), list(prof.points))

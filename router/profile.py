@@ -75,22 +75,27 @@ def fit(perf: PerfModel, points: list[ProfilePoint], iterations: int = 20) -> Ef
     comp = np.array([t.flops / d.peak_flops for t in terms])
     ars = np.array([float(t.allreduces) for t in terms])
     ring = np.array([t.ring_bytes / d.link_bw for t in terms])
+    rows = np.array([float(t.rows) for t in terms])
+    kv_tokens = np.array([t.kv_tokens for t in terms])
     y = np.array([p.seconds for p in points])
-    # theta = (1/mem_eff, 1/flops_eff, overhead, per-all-reduce latency incl. floor, 1/link_eff)
+    # theta = (1/mem_eff, 1/flops_eff, overhead, per-all-reduce latency incl. floor, 1/link_eff,
+    #          per decode row, per KV token read)
     theta = np.array([1 / perf.eff.mem_eff, 1 / perf.eff.flops_eff, perf.eff.overhead_s,
-                      perf.eff.allreduce_latency_s + d.link_latency_s, 1 / perf.eff.link_eff])
+                      perf.eff.allreduce_latency_s + d.link_latency_s, 1 / perf.eff.link_eff,
+                      perf.eff.row_s, perf.eff.kv_token_s])
     side = None
     for _ in range(iterations):
         on_mem = theta[0] * mem >= theta[1] * comp
         if side is not None and np.array_equal(side, on_mem):
             break
         side = on_mem
-        cols = np.stack([mem * on_mem, comp * ~on_mem, np.ones_like(y), ars, ring], axis=1)
+        cols = np.stack([mem * on_mem, comp * ~on_mem, np.ones_like(y), ars, ring, rows, kv_tokens], axis=1)
         theta = _nnls_relative(cols, y, theta)
     # A term the data cannot see (theta ~ 0) is capped rather than reported as infinite efficiency.
     return replace(perf.eff, mem_eff=1 / max(theta[0], 1e-2), flops_eff=1 / max(theta[1], 1e-2),
                    overhead_s=float(theta[2]), allreduce_latency_s=max(0.0, float(theta[3]) - d.link_latency_s),
-                   link_eff=1 / max(theta[4], 1e-2), cache_gain=0.0)
+                   link_eff=1 / max(theta[4], 1e-2), cache_gain=0.0, row_s=float(theta[5]),
+                   kv_token_s=float(theta[6]))
 
 
 def _nnls_relative(cols: np.ndarray, y: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -112,8 +117,17 @@ def _nnls_relative(cols: np.ndarray, y: np.ndarray, prior: np.ndarray) -> np.nda
 
 
 def measure(model_dir: str, device: str, tps: list[int], prefill_tokens: list[int],
-            batches: list[int], contexts: list[int], device_spec: str | None = None) -> Profile:
-    """Time the engine at each TP degree and fit (needs services.engine)."""
+            batches: list[int], contexts: list[int], device_spec: str | None = None,
+            threads: int | None = None) -> Profile:
+    """Time the engine at each TP degree and fit (needs services.engine). `threads`: CPU threads
+    per rank, as `nitsum up` gives each slot (its share of the cores); None: torch's default."""
+    if threads is not None:
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks a TP > 1 engine spawns
+        torch.set_num_threads(threads)
     from services.engine import EngineArgs, LLMEngine  # the engine is optional for everything else
 
     spec = DEVICES[device_spec or ("cpu" if device == "cpu" else "h100")]

@@ -26,6 +26,7 @@ import services.gateway.cli
 import services.launch
 import services.node.slot_cli
 from services.engine import cli as engine_cli
+from services.gguf import cli as gguf_cli
 
 # Modules that contribute subcommands, in the order `nitsum --help` lists them.
 COMMAND_MODULES = (services.launch, services.gateway.cli, router.live.service_cli, prefill_node.cli,
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_cli.register(sub)
+    gguf_cli.register(sub)
     for module in COMMAND_MODULES:
         module.register(sub)
     plan = sub.add_parser("plan", help="inspect, explain and apply plans (slots cut into TP groups with roles)")

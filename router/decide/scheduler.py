@@ -30,14 +30,17 @@ One call does three things, in this order:
    `max_queued_requests` dispatched requests; the rest wait here, in tier order. The lowest tier
    (smallest weight, when tiers differ in weight) may fill only `background_share` of a decode
    group's batch slots and of a prefill group's window: a flood of background work never leaves
-   an interactive request without a place to go at once. Reservations made earlier in the same call count, so one call never
+   an interactive request without a place to go at once. With `tpot_guard` set and the group's
+   own decode step-time model known, a decode group's batch slots are those its steps can carry
+   within `tpot_guard` x the tightest TPOT target of the other tiers (`rows_within`): background
+   work cannot slow the decode steps an interactive request shares past its target. Reservations made earlier in the same call count, so one call never
    over-commits a group. A request that fits nowhere stays queued.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.tiers import Tier
@@ -55,6 +58,7 @@ def role_does_prefill(role: str) -> bool:
 def role_does_decode(role: str) -> bool:
     return role in (ROLE_DECODE, ROLE_COLOCATED)
 ORDERS = ("deadline", "priority", "fcfs")
+DEFAULT_PREFILL_TOKENS_PER_S = 20000.0  # a group that has not measured itself yet
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,20 @@ class GroupState:
     # Prompt tokens a prefill-capable group may hold beyond what it is running; past this the
     # request stays in the router queue, where it can still be reordered or shed.
     max_queued_tokens: int = 16384
-    # Rough prefill speed, used only to turn a backlog into a wait (admission control).
-    prefill_tokens_per_s: float = 20000.0
+    # Prefill speed, to turn a backlog into a wait: what the group measured of itself, else a guess.
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
     # Requests a prefill-capable group has been given and not finished handing off, and how many
     # it may have: past that they wait in the router's tier-ordered queue, so a late interactive
     # request is not stuck behind a flood of batch ones already sent down.
     queued_requests: int = 0
     max_queued_requests: int = 1 << 30
+    # KV tokens its running sequences hold, and its decode step's seconds for (rows, their KV
+    # tokens): the group's own model (measured live, the perf model in the simulator); None: unknown.
+    context_tokens: int = 0
+    decode_step_s: Callable[[int, int], float] | None = None
+    # (TTFT deadline, prompt tokens) of each prompt it holds, when known: with engines that prefill
+    # in deadline order (order="deadline"), only those due no later than a request are ahead of it.
+    prefill_deadlines: tuple[tuple[float, int], ...] | None = None
 
     @property
     def does_prefill(self) -> bool:
@@ -104,6 +115,9 @@ class SchedulerSnapshot:
     groups: tuple[GroupState, ...]
     order: str = "deadline"  # "deadline" | "priority" | "fcfs"
     background_share: float = 0.75  # of a decode group's batch slots, for the lowest tier
+    # > 0: a decode group's batch slots for the lowest tier are the rows its steps carry within
+    # this share of the tightest TPOT target of the other tiers (0: its max_running, the baselines).
+    tpot_guard: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,8 @@ def schedule(snapshot: SchedulerSnapshot) -> Decisions:
     shed_ids = {s.request_id for s in shed}
     kept = [q for q in snapshot.queued if q.request_id not in shed_ids]
     ordered = _order(kept, tiers, snapshot.now_s, snapshot.order)
-    return Decisions(dispatch=_place(ordered, snapshot.groups, tiers, snapshot.now_s,
-                                         snapshot.order == "deadline", snapshot.background_share), shed=tuple(shed))
+    return Decisions(dispatch=_place(ordered, snapshot.groups, tiers, snapshot.now_s, snapshot.order == "deadline",
+                                     snapshot.background_share, snapshot.tpot_guard), shed=tuple(shed))
 
 
 def _admission(snapshot: SchedulerSnapshot, tiers: dict[str, Tier]) -> list[Shed]:
@@ -198,26 +212,55 @@ def _order(reqs: list[PendingRequest], tiers: dict[str, Tier], now_s: float,
     return sorted(reqs, key=key)
 
 
+@dataclass
+class _Load:
+    """What one call has committed so far, per group (so it never over-commits one)."""
+
+    prefill: dict[str, int]  # prompt tokens held by each prefill-capable group
+    slots_left: dict[str, int]  # places left in each prefill group's window
+    kv: dict[str, int]  # free KV blocks of each decode-capable group
+    running: dict[str, int]
+    block: dict[str, int]
+    ahead: dict[str, list[tuple[float, int]]]  # (TTFT deadline, tokens) held, for deadline-ordered engines
+    out: list[Dispatch]
+
+    def backlog(self, g: str, deadline: float) -> int:
+        """Prompt tokens group `g` prefills before one due at `deadline`."""
+        return sum(t for d, t in self.ahead[g] if d <= deadline) if g in self.ahead else self.prefill[g]
+
+    def commit(self, q: PendingRequest, pre: str, dec: str, deadline: float) -> None:
+        self.prefill[pre] += q.prompt_tokens
+        self.slots_left[pre] -= 1
+        self.kv[dec] -= _blocks(q, self.block[dec])
+        self.running[dec] += 1
+        if pre in self.ahead:
+            self.ahead[pre].append((deadline, q.prompt_tokens))
+        self.out.append(Dispatch(q.request_id, pre, dec))
+
+
 def _place(ordered: list[PendingRequest], groups: tuple[GroupState, ...], tiers: dict[str, Tier],
-           now_s: float, defer_late: bool, background_share: float = 1.0) -> tuple[Dispatch, ...]:
-    prefill = {g.group_id: g.queued_tokens for g in groups if g.does_prefill}
-    cap = {g.group_id: g.max_queued_tokens for g in groups if g.does_prefill}
-    slots_left = {g.group_id: g.max_queued_requests - g.queued_requests for g in groups if g.does_prefill}
+           now_s: float, defer_late: bool, background_share: float = 1.0,
+           tpot_guard: float = 0.0) -> tuple[Dispatch, ...]:
+    pg = [g for g in groups if g.does_prefill]
+    load = _Load({g.group_id: g.queued_tokens for g in pg},
+                 {g.group_id: g.max_queued_requests - g.queued_requests for g in pg},
+                 {g.group_id: g.free_kv_blocks for g in groups if g.does_decode},
+                 {g.group_id: g.running for g in groups if g.does_decode}, {g.group_id: g.block_size for g in groups},
+                 # With deadline-ordered engines, what is ahead of a request is what is due before it.
+                 {g.group_id: list(g.prefill_deadlines) for g in pg if defer_late and g.prefill_deadlines is not None},
+                 [])
+    prefill, slots_left = load.prefill, load.slots_left
+    cap = {g.group_id: g.max_queued_tokens for g in pg}
     # What the lowest tier must leave of each prefill group's window (see background_share).
-    kept_back = {g.group_id: g.max_queued_requests - max(1, int(g.max_queued_requests * background_share))
-                 for g in groups if g.does_prefill}
+    kept_back = {g.group_id: g.max_queued_requests - max(1, int(g.max_queued_requests * background_share)) for g in pg}
     rate = {g.group_id: max(g.prefill_tokens_per_s, 1e-9) for g in groups}
     tp = {g.group_id: g.tp for g in groups}
-    kv = {g.group_id: g.free_kv_blocks for g in groups if g.does_decode}
-    running = {g.group_id: g.running for g in groups if g.does_decode}
     max_running = {g.group_id: g.max_running for g in groups}
-    block = {g.group_id: g.block_size for g in groups}
     decode_only = {g.group_id for g in groups if g.role == ROLE_DECODE}
     tightest = min((t.tpot_s for t in tiers.values()), default=0.0)
     weights = {t.weight for t in tiers.values()}
     lowest = {n for n, t in tiers.items() if t.weight == min(weights)} if len(weights) > 1 else set()
-    background_slots = {g: max(1, int(n * background_share)) for g, n in max_running.items()}
-    out: list[Dispatch] = []
+    background_slots = _background_slots(groups, tiers, lowest, ordered, background_share, tpot_guard)
     late: list[tuple[PendingRequest, str]] = []
     for q in ordered:
         if not any(prefill[g] < cap[g] and slots_left[g] > 0 for g in prefill):
@@ -227,57 +270,77 @@ def _place(ordered: list[PendingRequest], groups: tuple[GroupState, ...], tiers:
         tier = tiers[q.tier]
         prefer_pure = tier.tpot_s <= tightest and bool(decode_only)
         background = q.tier in lowest
-        dec = _pick_decode(q, kv, running, background_slots if background else max_running, block, tp,
+        dec = _pick_decode(q, load.kv, load.running, background_slots if background else max_running, load.block, tp,
                            decode_only if prefer_pure else set())
         if dec is None:
             continue  # a smaller request may still fit
         window = {g: n - kept_back[g] for g, n in slots_left.items()} if background else slots_left
-        pre = _pick_prefill(q, prefill, cap, rate, window, prefer=dec)
+        deadline = q.arrival_s + tier.ttft_s
+        pre = _pick_prefill(q, {g: load.backlog(g, deadline) for g in prefill}, prefill, cap, rate, window, prefer=dec)
         if pre is None:
             if background:
                 continue  # the windows' last places are kept for the higher tiers
             break
         # A request that cannot make its TTFT even on the earliest-finishing group would only
         # push requests that still can past theirs: it waits for spare capacity (below).
-        finish = now_s + (prefill[pre] + q.prompt_tokens) / rate[pre]
-        if defer_late and finish > q.arrival_s + tier.ttft_s and now_s - q.arrival_s < tier.max_wait_s:
+        finish = now_s + (load.backlog(pre, deadline) + q.prompt_tokens) / rate[pre]
+        if defer_late and finish > deadline and now_s - q.arrival_s < tier.max_wait_s:
             late.append((q, dec))
             continue
-        _commit(q, pre, dec, prefill, kv, running, block, out, slots_left)
+        load.commit(q, pre, dec, deadline)
     for q, dec in late:
         # Spare capacity only: a group with nothing buffered takes one late request.
         idle = [g for g in prefill if prefill[g] == 0 and slots_left[g] > 0]
         limit = background_slots if q.tier in lowest else max_running
-        if not idle or kv[dec] < _blocks(q, block[dec]) or running[dec] >= limit[dec]:
+        if not idle or load.kv[dec] < _blocks(q, load.block[dec]) or load.running[dec] >= limit[dec]:
             continue
         pre = min(idle, key=lambda g: (q.prompt_tokens / rate[g], g))
-        _commit(q, pre, dec, prefill, kv, running, block, out, slots_left)
-    return tuple(out)
+        load.commit(q, pre, dec, q.arrival_s + tiers[q.tier].ttft_s)
+    return tuple(load.out)
 
 
-def _commit(q: PendingRequest, pre: str, dec: str, prefill: dict[str, int], kv: dict[str, int],
-            running: dict[str, int], block: dict[str, int], out: list[Dispatch],
-            slots_left: dict[str, int]) -> None:
-    prefill[pre] += q.prompt_tokens
-    slots_left[pre] -= 1
-    kv[dec] -= _blocks(q, block[dec])
-    running[dec] += 1
-    out.append(Dispatch(q.request_id, pre, dec))
+def rows_within(step_s: Callable[[int, int], float], limit_s: float, context_per_row: float, max_rows: int) -> int:
+    """The most decode rows (up to `max_rows`) whose step, each row holding `context_per_row` KV
+    tokens, takes at most `limit_s` by the group's step-time model (monotone in rows: bisection)."""
+    lo, hi = 0, max_rows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if step_s(mid, int(mid * context_per_row)) <= limit_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _background_slots(groups: Sequence[GroupState], tiers: dict[str, Tier], lowest: set[str],
+                      ordered: Sequence[PendingRequest], share: float, tpot_guard: float) -> dict[str, int]:
+    """Batch places per group the lowest tier may fill: `share` of its max_running, or with the TPOT
+    guard of the rows its steps carry within the other tiers' tightest TPOT target."""
+    others = [t.tpot_s for n, t in tiers.items() if n not in lowest]
+    waiting = [q.prompt_tokens + q.max_tokens / 2 for q in ordered if q.tier in lowest]
+    slots = {}
+    for g in groups:
+        rows = g.max_running
+        if tpot_guard > 0 and others and g.decode_step_s is not None and g.does_decode:
+            per_row = g.context_tokens / g.running if g.running else (sum(waiting) / len(waiting) if waiting else 0.0)
+            rows = rows_within(g.decode_step_s, tpot_guard * min(others), per_row, g.max_running)
+        slots[g.group_id] = max(1, int(rows * share))
+    return slots
 
 
 def _blocks(q: PendingRequest, block_size: int) -> int:
     return -(-(q.prompt_tokens + q.max_tokens) // block_size)
 
 
-def _pick_prefill(q: PendingRequest, prefill: dict[str, int], cap: dict[str, int], rate: dict[str, float],
-                  slots_left: dict[str, int], prefer: str) -> str | None:
-    """Earliest estimated prefill finish: a long prompt goes to a wide group even if it is busier.
-
-    A colocated decode group gets a small edge for its own requests (no KV transfer needed)."""
+def _pick_prefill(q: PendingRequest, ahead: dict[str, int], prefill: dict[str, int], cap: dict[str, int],
+                  rate: dict[str, float], slots_left: dict[str, int], prefer: str) -> str | None:
+    """Earliest estimated prefill finish (behind the `ahead` tokens): a long prompt goes to a wide
+    group even if it is busier. A colocated decode group gets a small edge for its own requests
+    (no KV transfer needed)."""
     open_groups = [g for g in prefill if prefill[g] < cap[g] and slots_left[g] > 0]
     if not open_groups:
         return None
-    return min(open_groups, key=lambda g: ((prefill[g] + q.prompt_tokens) / rate[g] * (0.95 if g == prefer else 1.0), g))
+    return min(open_groups, key=lambda g: ((ahead[g] + q.prompt_tokens) / rate[g] * (0.95 if g == prefer else 1.0), g))
 
 
 def decode_group_for(q: PendingRequest, groups: Sequence[GroupState], preferred: set[str]) -> str | None:

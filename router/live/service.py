@@ -18,12 +18,19 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from router.decide.scheduler import GroupState, PendingRequest, SchedulerSnapshot, schedule
+from router.decide.scheduler import (
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    GroupState,
+    PendingRequest,
+    SchedulerSnapshot,
+    schedule,
+)
 from router.live.recovery import Recovery
 from services.cluster import ClusterClient, GroupRecord, QueueEntry
 from services.cluster.client import REDIS_ERRORS
@@ -42,6 +49,7 @@ class InFlight:
     requests: int = 0
     tokens: int = 0
     blocks: int = 0
+    deadlines: dict[str, tuple[float, int]] = field(default_factory=dict)  # prompts sent: TTFT deadline, tokens
 
 
 @dataclass
@@ -141,10 +149,21 @@ class Router:
             if not self.routable(g):
                 continue
             extra = self.inflight.get(g.group_id, InFlight())
+            # What the group measured of itself (its step-time model), else the scheduler's default;
+            # its backlog as it last reported it, or as this router counts its own dispatches to it
+            # (the report lags by a heartbeat), whichever is more.
+            rate = g.prefill_tokens_per_s if g.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
             states.append(GroupState(g.group_id, g.role, g.tp, max(0, g.free_kv_blocks - extra.blocks), g.block_size,
-                                     g.running + extra.requests, g.max_running, queued_tokens=g.queued_tokens + extra.tokens,
-                                     queued_requests=extra.requests, max_queued_requests=self.config.prefill_window))
-        return SchedulerSnapshot(now_s=time.time(), tiers=self.config.policy.tiers, queued=queued, groups=tuple(states))
+                                     g.running + extra.requests, g.max_running,
+                                     queued_tokens=max(g.queued_tokens, extra.tokens), prefill_tokens_per_s=rate,
+                                     queued_requests=extra.requests, max_queued_requests=self.config.prefill_window,
+                                     context_tokens=g.used_kv_blocks * g.block_size, decode_step_s=_decode_step(g),
+                                     prefill_deadlines=tuple(extra.deadlines.values())))
+        tier_aware = self.config.schedule == "tier"
+        return SchedulerSnapshot(now_s=time.time(), tiers=self.config.policy.tiers, queued=queued, groups=tuple(states),
+                                 order="deadline" if tier_aware else "fcfs",
+                                 background_share=self.config.background_share if tier_aware else 1.0,
+                                 tpot_guard=self.config.tpot_guard if tier_aware else 0.0)
 
     def routable(self, g: GroupRecord) -> bool:
         return (g.group_id not in self.frozen and g.group_id not in self.recovery.dead
@@ -199,6 +218,7 @@ class Router:
             d_load = self.inflight.setdefault(decode.group_id, InFlight())
             p_load.requests += 1
             p_load.tokens += _context(q)
+            p_load.deadlines[q.request_id] = (q.arrival_s + self.config.policy.tier(q.tier).ttft_s, _context(q))
             d_load.requests += 1
             d_load.blocks += blocks
             self.tasks.spawn(self._dispatch(entry, prefill, decode, p_load, d_load, blocks), name=f"dispatch-{d.request_id}")
@@ -232,6 +252,7 @@ class Router:
         finally:
             p_load.requests -= 1
             p_load.tokens -= _context(q)
+            p_load.deadlines.pop(q.request_id, None)
             d_load.requests -= 1
             d_load.blocks -= blocks
             self.dispatching.discard(q.request_id)
@@ -295,3 +316,11 @@ class Router:
 def _context(q: pb.QueuedRequest) -> int:
     """Tokens a prefill group computes for the request: its prompt and, resumed, what it had sent."""
     return len(q.prompt_ids) + len(q.resume_ids)
+
+
+def _decode_step(g: GroupRecord) -> Callable[[int, int], float] | None:
+    """The group's measured decode step (base + per row + per KV token read), None until it has one."""
+    if g.step_per_decode_s <= 0 and g.step_per_context_s <= 0:
+        return None
+    base, per_row, per_token = g.step_base_s, g.step_per_decode_s, g.step_per_context_s
+    return lambda rows, context: base + per_row * rows + per_token * context

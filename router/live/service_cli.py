@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="initial plan for the slots, e.g. p2,p2,d4 (used when Redis holds none yet; a plan "
                         "applied at runtime survives a router restart)")
     p.add_argument("--slots", type=int, default=None, help="slots in the cluster (default: what --plan uses)")
+    p.add_argument("--schedule", choices=("tier", "fcfs"), default="tier",
+                   help="tier: deadline order across tiers, room kept for the higher tiers; fcfs: arrival order "
+                        "(the baseline; run the slots with the same --schedule)")
     p.add_argument("--no-orchestrate", action="store_true",
                    help="do not apply the plan stored in Redis to the slots (static prefill/decode groups only)")
 
@@ -49,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(router_id=args.router_id or f"{socket.gethostname()}-{os.getpid()}",
                         redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
-                        policy=TierPolicy.load(args.tiers), claim_idle_ms=args.claim_idle_ms)
+                        policy=TierPolicy.load(args.tiers), claim_idle_ms=args.claim_idle_ms,
+                        schedule=args.schedule)
 
 
 async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0, admin_port: int = 0,

@@ -30,6 +30,7 @@ from router.decide.scheduler import GroupState, PendingRequest, SchedulerSnapsho
 from router.decide.workload import WorkloadEstimate, WorkloadEstimator
 from router.sim.group import Join, SimGroup
 from router.sim.trace import TraceRequest
+from services.engine.policy import STEP_CAP_SHARE, step_cap_s
 from services.tiers import Tier
 
 
@@ -59,6 +60,13 @@ class SimConfig:
     # of the tightest TPOT target among its decoding sequences (Sarathi-Serve's SLO-derived token
     # budget, per step); 0 = off (vLLM's fixed budget).
     tpot_guard: float = 0.9
+    # A forward carrying prompt tokens takes at most this share of the tiers' tightest TTFT target
+    # (services/engine/policy.py, as `nitsum up` runs the engines); 0 = off (vLLM's fixed budget).
+    step_cap_share: float = STEP_CAP_SHARE
+    min_chunk: int = 256  # the guards never cut a forward's prompt tokens below this (the engine's min_chunk_tokens)
+    # Prompts a prefill group may hold before the rest wait in the router queue (the live
+    # router's prefill_window); unbounded by default, where prefill_buffer_s bounds the tokens.
+    prefill_window: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class Simulator:
                  on_outcome: Callable[[float, float], None] | None = None) -> None:
         self.reqs, self.perf, self.tiers = requests, perf, tiers
         self.cfg = cfg or SimConfig()
+        share = self.cfg.step_cap_share
+        self.max_step_s = step_cap_s(min(t.ttft_s for t in tiers), share) if share > 0 else math.inf
         self.planner, self.progress, self.twin, self.on_outcome = planner, progress, twin, on_outcome
         self.planner_state = PlannerState()
         self.chained = False  # run(): each arrival schedules the next; add(): the caller feeds them
@@ -227,7 +237,8 @@ class Simulator:
         states = tuple(self._state(g) for g in self.groups.values() if self.now >= g.paused_until)
         if not states:
             return
-        snap = SchedulerSnapshot(self.now, self.tiers, tuple(self.queue.values()), states, self.cfg.order)
+        snap = SchedulerSnapshot(self.now, self.tiers, tuple(self.queue.values()), states, self.cfg.order,
+                                 tpot_guard=self.cfg.tpot_guard)
         decisions = schedule(snap)
         for s in decisions.shed:
             self._shed(int(s.request_id), s.reason)
@@ -244,8 +255,13 @@ class Simulator:
 
     def _state(self, g: SimGroup) -> GroupState:
         rate = g.prefill_rate
+        perf, tp = g.perf, g.tp
         return GroupState(g.gid, g.role, g.tp, g.free_blocks, g.block_size, g.reserved, g.max_running,
-                          g.queued_tokens, max(2048, int(rate * self.cfg.prefill_buffer_s)), rate)
+                          g.queued_tokens, max(2048, int(rate * self.cfg.prefill_buffer_s)), rate,
+                          queued_requests=len(g.prefill_q), max_queued_requests=self.cfg.prefill_window,
+                          context_tokens=g.context, decode_step_s=lambda n, ctx: perf.decode_step_time(n, ctx, tp),
+                          prefill_deadlines=tuple((self.deadline_of[rid], prompt - done) for rid, prompt, done in g.prefill_q)
+                          if self.cfg.order == "deadline" else None)
 
     # -- groups ----------------------------------------------------------------------------------
     def _on_iter(self, payload: object) -> None:
@@ -325,6 +341,7 @@ class Simulator:
             self.groups[gid] = SimGroup(gid, grp, self.perf, blocks, self.cfg.block_size, self.cfg.max_running,
                                         self.cfg.chunk_tokens, self.push, paused_until=self.now + pause_s,
                                         tpot_guard=self.cfg.tpot_guard, tpot_of=self.tpot_of,
+                                        max_step_s=self.max_step_s, min_chunk=self.cfg.min_chunk,
                                         deadline_of=self.deadline_of if self.cfg.order == "deadline" else ())
             self.push(self.now + pause_s, "resume", gid)
         for join in moving:

@@ -8,24 +8,31 @@ mid-way (a sequence joining, a prompt arriving) calls `interrupt()`, which cuts 
 at the next step boundary, exactly as a real engine would admit it. That keeps the event count
 near the number of joins and finishes, not the number of decode steps.
 
-Two engine policies are switchable per group (the simulator credits Nitsum's groups with both and
-the vLLM-like baseline with neither; the real engine, services/engine/scheduler.py, has neither
-yet: it is first come, first served): the *TPOT guard* sizes each prefill chunk in a group that also decodes so that the
-forward takes at most `tpot_guard` x the tightest TPOT target among the sequences decoding there
-(Sarathi-Serve sizes its token budget from the TBT SLO; this does it per step, from the tiers
-actually decoding), and *deadline-aware prefill* picks, at each chunk, the buffered prompt with
-the earliest TTFT deadline that can still make it (vLLM serves its waiting queue in order).
+The engine's policies are switchable per group, and each is the engine's own function from
+services/engine/policy.py (the engine's scheduler calls the same ones, so the simulator credits a
+group with nothing the engine lacks): the *TPOT guard* sizes each prefill chunk in a group that
+also decodes so that the forward takes at most `tpot_guard` x the tightest TPOT target among the
+sequences decoding there (Sarathi-Serve sizes its token budget from the TBT SLO; this does it per
+step, from the tiers actually decoding), the *step cap* keeps any forward carrying prompt tokens
+within `max_step_s` (a quarter of the tightest TTFT target, as `nitsum up` runs the engines), and
+*deadline-aware prefill* orders the buffered prompts by TTFT deadline, those that can still make
+it first (vLLM serves its waiting queue in order). Nitsum's groups get all three, the vLLM-like
+baseline none. Not modelled: preemption (the simulator reserves a request's KV at dispatch, so
+a group never runs out of blocks mid-way).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import services.engine.policy as policy
 from router.decide.perfmodel import PerfModel
 from router.decide.plans import Group
+from services.engine.policy import SLO, Waiting
 
 MAX_MACRO_STEPS = 128  # re-evaluate the step time at least this often as contexts grow
 
@@ -53,6 +60,7 @@ class SimGroup:
     tpot_guard: float = 0.0
     tpot_of: Sequence[float] = ()  # request id -> its tier's TPOT target
     min_chunk: int = 256  # a chunk never shrinks below this, so prefill always progresses
+    max_step_s: float = math.inf  # a forward carrying prompt tokens fits this (policy.step_cap_s)
     # Deadline-aware engine: each chunk serves the most urgent prompt that can still make its
     # TTFT (request id -> arrival + TTFT target); empty = FIFO, as vLLM does.
     deadline_of: Sequence[float] = ()
@@ -111,8 +119,13 @@ class SimGroup:
 
     def _start_chunk(self, now: float) -> None:
         budget = self.chunk_tokens - len(self.decoding)
-        if self.tpot_guard and self.decoding and self.group.does_decode:
-            budget = min(budget, self._guarded_tokens(self.tpot_guard * min(self.targets)))
+        decoding = self.tpot_guard and self.decoding and self.group.does_decode
+        if decoding or math.isfinite(self.max_step_s):
+            n, ctx = (len(self.decoding), self.context) if decoding else (0, 0)
+            budget = min(budget, policy.guarded_prefill_tokens(
+                self.chunk_tokens, n, min(self.targets) if decoding else math.inf,
+                lambda c: self.perf.step_time(c, n, ctx, self.tp), self.tpot_guard, self.min_chunk,
+                max_step_s=self.max_step_s))
         if self.deadline_of and len(self.prefill_q) > 1:
             self._prioritize(now)
         tokens, sq = 0, 0.0
@@ -131,30 +144,12 @@ class SimGroup:
         self._begin(now, dt, 1)
 
     def _prioritize(self, now: float) -> None:
-        """Earliest deadline first among prompts that can still make it, then the rest."""
-        def key(item: list[int]) -> tuple[bool, float]:
-            deadline = self.deadline_of[item[0]]
-            return now + (item[1] - item[2]) / self.prefill_rate > deadline, deadline
+        """Earliest deadline first among prompts that can still make it, then the rest: the engine's
+        own policy (services/engine/policy.py), on the simulated queue."""
+        self.prefill_q = deque(policy.prefill_order(self.prefill_q, self._waiting, now, self.prefill_rate))
 
-        self.prefill_q = deque(sorted(self.prefill_q, key=key))
-
-    def _guarded_tokens(self, limit_s: float) -> int:
-        """About the most prefill tokens a forward with this decode batch can carry within `limit_s`.
-
-        Step time is convex in the chunk (a max of linear terms plus quadratic attention), so the
-        chord from a point to the full budget lies above it: stepping along chords never
-        overshoots the limit. Two chords get within a few percent of the largest chunk."""
-        n, ctx, full = len(self.decoding), self.context, self.chunk_tokens
-        t_full = self.perf.step_time(full, n, ctx, self.tp)
-        if t_full <= limit_s:
-            return full
-        lo, t_lo = 0, self.perf.decode_step_time(n, ctx, self.tp)
-        for _ in range(2):
-            if t_lo >= limit_s:
-                break
-            lo += int((full - lo) * (limit_s - t_lo) / (t_full - t_lo))
-            t_lo = self.perf.step_time(lo, n, ctx, self.tp)
-        return max(lo, self.min_chunk)
+    def _waiting(self, item: list[int]) -> Waiting:
+        return Waiting(SLO(deadline_s=self.deadline_of[item[0]]), item[1] - item[2], item[0])
 
     def _start_macro(self, now: float) -> None:
         k = min(MAX_MACRO_STEPS, self.decoding[0][0] - self.step)

@@ -100,7 +100,7 @@ def run_variant(v: Variant, requests: list[TraceRequest], perf: PerfModel, tiers
                 slots: int, cfg: SimConfig, planner_cfg: PlannerConfig | None = None,
                 progress: Callable[[float], None] | None = None) -> SimResult:
     planner = Planner(perf, tiers, slots, planner_cfg) if v.adaptive else None
-    engine = {"order": v.order} if v.engine == "nitsum" else {"order": v.order, "tpot_guard": 0.0}
+    engine = {"order": v.order} if v.engine == "nitsum" else {"order": v.order, "tpot_guard": 0.0, "step_cap_share": 0.0}
     sim_cfg = SimConfig(**{**cfg.__dict__, **engine})
     twin = Twin(planner, perf, tiers, sim_cfg, v.plan) if planner is not None else None
     return Simulator(requests, perf, tiers, v.plan, sim_cfg, planner, progress, twin).run()

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.supervise import die_with_parent
+
 
 class RedisServerError(RuntimeError):
     """The redis-server child could not be started."""
@@ -98,7 +100,7 @@ def start_redis_server(host: str = "127.0.0.1", port: int = 0, timeout_s: float 
     log = open(folder / "redis.log", "ab")  # noqa: SIM115 - owned by the child
     # Its own session: a Ctrl-C meant for `nitsum up` must not kill Redis before the services stop.
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=die_with_parent)
     log.close()
     server = RedisServer(host=host, port=port, process=process, workdir=workdir, data_dir=data_dir)
     deadline = time.monotonic() + timeout_s

@@ -74,6 +74,40 @@ class Keys:
     def leader(self) -> str:
         return f"{self.prefix}router:leader"
 
+    # ---- the Files and Batch API (services/cluster/batch_store.py) ----
+    def file(self, file_id: str) -> str:
+        """Hash: a file's record (`FileRecord`)."""
+        return f"{self.prefix}file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        """String: a file's bytes."""
+        return f"{self.prefix}file:{file_id}:content"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: a batch's record (`BatchRecord`)."""
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_results(self, batch_id: str, kind: str) -> str:
+        """Hash: line index -> its output line; `kind` "out" (answered 200) or "err" (failed)."""
+        return f"{self.prefix}batch:{batch_id}:{kind}"
+
+    def batch_running(self, batch_id: str) -> str:
+        """Hash: line index -> the request in flight for it (entry id, then its QueuedRequest)."""
+        return f"{self.prefix}batch:{batch_id}:running"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """String: the id of the gateway that runs the batch, with a lease (PX)."""
+        return f"{self.prefix}batch:{batch_id}:lease"
+
+    def batches_of(self, owner: str) -> str:
+        """Sorted set: an owner's batch ids by creation time (the list endpoint's pages)."""
+        return f"{self.prefix}batches:by-owner:{owner}"
+
+    @property
+    def batches_active(self) -> str:
+        """Set: ids of batches not yet in a final state (gateways take the ones nobody runs)."""
+        return f"{self.prefix}batches:active"
+
 
 def _encode(record: Any) -> dict[str, str]:
     return {k: str(int(v) if isinstance(v, bool) else v) for k, v in asdict(record).items()}
@@ -105,7 +139,15 @@ class GroupRecord:
     used_kv_blocks: int = 0
     block_size: int = 16
     max_model_len: int = 0
-    queued_tokens: int = 0
+    queued_tokens: int = 0  # prompt tokens not computed yet
+    # Measured (the leader's step-time model, services/engine/policy.py): prompt tokens a second
+    # when prefill is all a step does, and a step's seconds = base + per token x prompt tokens +
+    # per decode x decoding sequences + per context x KV tokens they read; 0 until known.
+    prefill_tokens_per_s: float = 0.0
+    step_base_s: float = 0.0
+    step_per_token_s: float = 0.0
+    step_per_decode_s: float = 0.0
+    step_per_context_s: float = 0.0
     model: str = ""
     pid: int = 0
     aborted: int = 0  # requests aborted since start (client gone): their KV blocks were freed

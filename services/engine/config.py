@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from services.engine.errors import ModelLoadError
+from services.engine.tp import tp_error
 
 # architecture name -> whether its attention projections carry a bias by default
 SUPPORTED_ARCHITECTURES = {
@@ -149,6 +150,12 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # The scheduler's policy (policy.py): "tier" orders prompts by TTFT deadline and guards TPOT;
+    # "fcfs" is first come, first served (the baseline, vLLM's way).
+    schedule: str = "tier"
+    tpot_guard: float = 0.9  # a step that also decodes fits this share of the tightest TPOT target
+    min_chunk_tokens: int = 32  # the guard never cuts a step's prompt tokens below this
+    max_step_s: float = 0.0  # > 0: a step carrying prompt tokens fits this (policy.step_cap_s); 0: no cap
     seed: int = 0
     # Multi-process groups: where the group's TCPStore lives and the key prefix of this group.
     dist_addr: str | None = None
@@ -164,22 +171,15 @@ class EngineArgs:
         return DTYPES[name]
 
     def validate_for(self, cfg: ModelConfig) -> None:
-        tp = self.tp
-        if tp < 1 or tp & (tp - 1):
-            raise ModelLoadError(f"--tp {tp}: the tensor-parallel degree must be a power of two (1, 2, 4, 8)")
-        if cfg.num_attention_heads % tp:
-            raise ModelLoadError(
-                f"--tp {tp} does not divide num_attention_heads={cfg.num_attention_heads}; choose a divisor"
-            )
-        kv = cfg.num_key_value_heads
-        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-            raise ModelLoadError(f"--tp {tp} and num_key_value_heads={kv}: one must divide the other")
-        if cfg.intermediate_size % tp:
-            raise ModelLoadError(f"--tp {tp} does not divide intermediate_size={cfg.intermediate_size}")
+        bad_tp = tp_error(self.tp, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+        if bad_tp is not None:
+            raise ModelLoadError(bad_tp)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ModelLoadError(f"--device {self.device!r}: use cpu or cuda")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ModelLoadError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.schedule not in ("tier", "fcfs"):
+            raise ModelLoadError(f"schedule {self.schedule!r}: use tier (by deadline and tier) or fcfs")
         self.torch_dtype(cfg)
 
     def model_len(self, cfg: ModelConfig) -> int:

@@ -13,6 +13,7 @@ timings in `profiling.py`; both are mixed into `LLMEngine`.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import random
 import time
@@ -28,9 +29,10 @@ from services.engine.errors import BadRequestError
 from services.engine.kv_io import KVImportExport
 from services.engine.model.layers import RowParallelLinear
 from services.engine.model.sampling import SamplingParams, sample
+from services.engine.policy import NO_SLO, SLO
 from services.engine.profiling import Profiling
 from services.engine.runner import ModelRunner
-from services.engine.scheduler import ScheduledChunk, Scheduler, SeqStatus, Sequence
+from services.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SeqStatus, Sequence
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Shutdown, Step, handler_modules, run_worker, set_threads
 
@@ -75,8 +77,9 @@ class LLMEngine(KVImportExport, Profiling):
             attach_group(runner, group)
         self.runner = runner
         self.max_model_len = args.model_len(cfg)
-        self.scheduler = Scheduler(self.runner.num_blocks, args.block_size, args.max_num_seqs,
-                                   args.max_num_batched_tokens)
+        self.scheduler = Scheduler(SchedulerConfig(self.runner.num_blocks, args.block_size, args.max_num_seqs,
+                                                   args.max_num_batched_tokens, args.schedule, args.tpot_guard,
+                                                   args.min_chunk_tokens, args.max_step_s or math.inf))
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(args.seed)
         self.kv_agent: Any = None  # rank 0's KV agent, once a transport opened one; closed at shutdown
@@ -122,14 +125,17 @@ class LLMEngine(KVImportExport, Profiling):
         return replace(params, seed=self._rng.getrandbits(63))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False, output_ids: list[int] | tuple[int, ...] = ()) -> None:
+                    prefill_only: bool = False, output_ids: list[int] | tuple[int, ...] = (),
+                    slo: SLO = NO_SLO) -> None:
         """Queue a request. `output_ids`: tokens it already generated elsewhere (a request resumed
         after its group died): they are computed again with the prompt, and generation goes on
-        from there with `params.max_tokens` counting them."""
+        from there with `params.max_tokens` counting them. `slo`: its tier's deadline, TPOT target
+        and weight, which the scheduler's policy orders and guards by (policy.py)."""
         self._check_request(request_id, prompt_ids, params)
         if len(output_ids) >= params.max_tokens:
             raise BadRequestError(f"request {request_id!r} already has its {params.max_tokens} tokens")
-        seq = Sequence(request_id, [*prompt_ids, *output_ids], len(prompt_ids), self._seeded(params), prefill_only)
+        seq = Sequence(request_id, [*prompt_ids, *output_ids], len(prompt_ids), self._seeded(params), prefill_only,
+                       slo=slo)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -160,7 +166,12 @@ class LLMEngine(KVImportExport, Profiling):
         batch, chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        return self._update(chunks, self._execute(batch))
+        started = time.perf_counter()
+        outputs = self._update(chunks, self._execute(batch))
+        # The group's own step-time model, which the TPOT guard predicts with (policy.py).
+        self.scheduler.step_time.observe(sum(len(c.tokens) for c in batch.prefill), len(batch.decode),
+                                         sum(c.context for c in batch.decode), time.perf_counter() - started)
+        return outputs
 
     def _execute(self, batch: StepBatch) -> torch.Tensor | None:
         self.send_to_ranks(Step(batch))

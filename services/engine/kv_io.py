@@ -25,6 +25,7 @@ from services.engine.config import EngineArgs
 from services.engine.dist import TPGroup
 from services.engine.errors import EngineError
 from services.engine.model.sampling import SamplingParams
+from services.engine.policy import NO_SLO, SLO
 from services.engine.runner import ModelRunner
 from services.engine.scheduler import Scheduler, SeqStatus, Sequence
 from services.engine.worker import ReadKV, WriteKV
@@ -91,6 +92,10 @@ class KVImportExport(ABC):
         seq = self.seqs[request_id]
         return seq.token_ids[: seq.prompt_len], seq.params
 
+    def slo_of(self, request_id: str) -> SLO:
+        """The request's tier as the scheduler sees it, to travel with it (policy.py)."""
+        return self.seqs[request_id].slo
+
     def block_ids(self, request_id: str) -> list[int]:
         """The blocks holding the request's computed tokens, in order."""
         seq = self.seqs.get(request_id)
@@ -99,10 +104,10 @@ class KVImportExport(ABC):
         return seq.block_table[: -(-seq.num_computed // self.args.block_size)]
 
     def reserve_kv(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                   num_tokens: int) -> list[int]:
+                   num_tokens: int, slo: SLO = NO_SLO) -> list[int]:
         """Reserve a request that will receive KV for `num_tokens` tokens straight into its blocks,
         all allocated now; returns its block ids in order. Nothing stays reserved on failure."""
-        self.begin_receive(request_id, prompt_ids, params)
+        self.begin_receive(request_id, prompt_ids, params, slo)
         seq = self.seqs[request_id]
         try:
             self._grow(seq, num_tokens + 1)
@@ -165,10 +170,11 @@ class KVImportExport(ABC):
         if not self.scheduler.grow(seq, num_tokens):
             raise EngineError("no free KV blocks to receive this request now")
 
-    def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def begin_receive(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      slo: SLO = NO_SLO) -> None:
         """Reserve a request whose KV will arrive in pieces (`receive_kv`), then `finish_receive`."""
         self._check_request(request_id, prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), self._seeded(params))
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), self._seeded(params), slo=slo)
         seq.status = SeqStatus.RECEIVING
         self.seqs[request_id] = seq
 
@@ -196,9 +202,9 @@ class KVImportExport(ABC):
         self.scheduler.running.append(seq)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], output_ids: list[int], kv: KVExport,
-                      params: SamplingParams) -> None:
+                      params: SamplingParams, slo: SLO = NO_SLO) -> None:
         """Resume a request whose first `kv.num_tokens` tokens were computed elsewhere."""
-        self.begin_receive(request_id, prompt_ids, params)
+        self.begin_receive(request_id, prompt_ids, params, slo)
         try:
             self.receive_kv(request_id, 0, kv)
             self.finish_receive(request_id, output_ids, kv.num_tokens)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -29,13 +28,14 @@ from starlette.responses import JSONResponse, Response
 from services.cluster import ClusterClient
 from services.cluster.client import REDIS_ERRORS
 from services.config import GatewayConfig
-from services.engine.config import context_error
 from services.metrics import CONTENT_TYPE, GatewayMetrics
-from services.rpc import pb
 from services.tasks import TaskSet
 
+from .admission import queued_request
+from .batch_service import BatchService
+from .batches import register_batch_api
 from .codec import TextCodec
-from .errors import ApiError, bad_request, not_found, outcome_of
+from .errors import ApiError, bad_request, outcome_of
 from .guard import InternalErrorGuard
 from .limits import read_body
 from .openapi import RESPONSES, request_body
@@ -48,12 +48,6 @@ log = logging.getLogger("nitsum.gateway")
 _INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed and tokenized on the event loop
 T = TypeVar("T")
 SERVING_PATHS = ("/v1/completions", "/v1/chat/completions")
-# The engine's MIN_TEMPERATURE (services/engine/model/sampling.py; importing it would import torch): below
-# it dividing logits by the temperature overflows float32, so such a request is sent as greedy.
-GREEDY_BELOW = 1e-5
-# A top_p below the top token's probability (at least 1/vocab) keeps that token alone, whatever its
-# value; raised to this it stays so, and stays above 0 once sent as a float32.
-MIN_TOP_P = 1e-9
 
 
 @dataclass
@@ -78,11 +72,13 @@ class Gateway:
 
 def create_app(config: GatewayConfig, codec: TextCodec) -> FastAPI:
     gw = Gateway(config, codec, GatewayMetrics(config.policy.names))
+    batch_service = BatchService(config, codec, gw.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.start()
-        yield
+        async with batch_service.serving(gw.cluster, gw.upstream):
+            yield
         await gw.stop()
 
     app = FastAPI(title="Nitsum gateway", lifespan=lifespan)
@@ -132,6 +128,7 @@ def create_app(config: GatewayConfig, codec: TextCodec) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _serve(gw, request, chat=True)
 
+    register_batch_api(app, config, batch_service)
     return app
 
 
@@ -167,16 +164,9 @@ async def _serve(gw: Gateway, request: Request, chat: bool) -> Response:
         body = await asyncio.to_thread(parse_body, raw, kind) if offload else parse_body(raw, kind)
         tier = choose_tier(gw.config.policy, grant, request.headers.get("x-nitsum-tier"), body.service_tier)
         request.state.tier = tier
-        if body.model != gw.config.served_model_name:
-            raise not_found(f"model {body.model[:200]!r} is not served here; use {gw.config.served_model_name!r}",
-                            "model", "model_not_found")
         assert gw.upstream is not None
-        max_model_len = await gw.upstream.ready()
-        prompt_ids = (await asyncio.to_thread(_prompt_ids, gw.codec, body, chat) if offload
-                      else _prompt_ids(gw.codec, body, chat))
-        max_tokens = _max_tokens(body, chat, len(prompt_ids), max_model_len)
-        queued = pb.QueuedRequest(request_id=rid, tier=tier, arrival_s=arrival, prompt_ids=prompt_ids,
-                                  sampling=_sampling(body, max_tokens))
+        queued = await queued_request(gw.config, gw.codec, gw.upstream, body, chat, tier, rid, arrival, offload)
+        prompt_ids = queued.prompt_ids
         entry_id = await gw.upstream.submit(queued)
     except ApiError as e:
         gw.metrics.requests.labels(tier or gw.config.policy.default_tier, _outcome(e.status)).inc()
@@ -230,49 +220,6 @@ async def _unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
     return working.result()
 
 
-def _prompt_ids(codec: TextCodec, body: Any, chat: bool) -> list[int]:
-    if chat:
-        try:
-            ids = codec.apply_chat_template(body.template_messages(), add_generation_prompt=True)
-        except ValueError as e:  # the template refused the conversation (or there is none)
-            raise bad_request(str(e), "messages") from e
-    else:
-        prompt = body.prompt_value()
-        if isinstance(prompt, str):
-            ids = codec.encode(prompt, add_special_tokens=True)
-        else:
-            ids = list(prompt)
-            outside = next((t for t in ids if not 0 <= t < codec.vocab_size), None)
-            if outside is not None:
-                raise bad_request(f"prompt token id {outside} is not in the model's vocabulary "
-                                  f"(ids 0..{codec.vocab_size - 1})", "prompt")
-    if not ids:
-        raise bad_request("prompt is empty", "messages" if chat else "prompt")
-    return ids
-
-
-def _max_tokens(body: Any, chat: bool, prompt_len: int, max_model_len: int) -> int:
-    requested = body.token_budget if chat else body.max_tokens
-    max_tokens = requested if requested is not None else (max_model_len - prompt_len if chat else 16)
-    too_long = context_error(prompt_len, max_tokens, max_model_len)
-    if too_long is not None:
-        raise bad_request(too_long, "messages" if chat else "prompt", "context_length_exceeded")
-    return max_tokens
-
-
-def _sampling(body: Any, max_tokens: int) -> pb.SamplingParams:
-    temperature = 1.0 if body.temperature is None else body.temperature
-    temperature = temperature if temperature >= GREEDY_BELOW else 0.0
-    seed = body.seed
-    if seed is None and temperature > 0:
-        # The engine draws token i from a generator seeded by (seed, i): with a seed fixed here, a
-        # request resumed on another group after a failure goes on drawing the same stream.
-        seed = secrets.randbits(63)
-    top_p = 1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P)
-    return pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
-                             top_p=top_p, has_seed=seed is not None, seed=seed or 0,
-                             ignore_eos=bool(body.ignore_eos))
-
-
 def _outcome(status: int) -> str:
     return outcome_of(status)
+

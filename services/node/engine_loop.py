@@ -30,6 +30,10 @@ class EngineStats:
     total_blocks: int = 0
     steps: int = 0
     last_step_s: float = 0.0
+    queued_tokens: int = 0  # prompt tokens not computed yet
+    # The group's step-time model (services/engine/policy.py StepTimeModel): seconds = base +
+    # per_token x prompt tokens + per_decode x decoding sequences + per_context x KV tokens read.
+    step_model: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def free_blocks(self) -> int:
@@ -37,9 +41,11 @@ class EngineStats:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(self, engine: LLMEngine, on_outputs: Callable[[list[RequestOutput]], None],
+                 on_step: Callable[[float], None] | None = None) -> None:
         self.engine = engine
         self._on_outputs = on_outputs
+        self._on_step = on_step  # called on the engine thread with each step's seconds (metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
             queue.SimpleQueue())
@@ -75,7 +81,10 @@ class EngineLoop:
                 started = time.perf_counter()
                 outputs = self.engine.step()
                 steps += 1
-                self._refresh_stats(steps, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._refresh_stats(steps, seconds)
+                if self._on_step is not None:
+                    self._on_step(seconds)
                 if outputs:
                     assert self._loop is not None
                     self._loop.call_soon_threadsafe(self._on_outputs, outputs)
@@ -106,4 +115,7 @@ class EngineLoop:
 
     def _refresh_stats(self, steps: int, last_step_s: float) -> None:
         used, total = self.engine.kv_usage()
-        self.stats = EngineStats(self.engine.num_requests(), used, total, steps, last_step_s)
+        scheduler = self.engine.scheduler
+        model = scheduler.step_time.coefficients or (0.0, 0.0, 0.0, 0.0)
+        self.stats = EngineStats(self.engine.num_requests(), used, total, steps, last_step_s,
+                                 scheduler.queued_prompt_tokens(), model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from kvtransfer.group_transfer import backend_of, open_agents
 from services.cluster import ClusterClient, GroupRecord, SlotRecord
 from services.config import NodeConfig
 from services.engine import EngineArgs, EngineError, LLMEngine, RequestOutput, SamplingParams
+from services.engine.policy import NO_SLO, SLO
 from services.metrics import NodeMetrics
 from services.rpc import CHANNEL_OPTIONS, pb
 from services.tasks import TaskSet
@@ -99,7 +101,7 @@ class GroupLeader(ABC):
         """Serve `engine`: engine thread, gRPC server, registration and heartbeats."""
         self.engine = engine
         await self._open_kv_agents(engine)
-        self.loop = EngineLoop(self.engine, self.on_outputs)
+        self.loop = EngineLoop(self.engine, self.on_outputs, self._count_step)
         self.loop.start()
         self.server = server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.add_services(server)
@@ -111,6 +113,10 @@ class GroupLeader(ABC):
         self.tasks.spawn(self._follow_cancellations(), name="cancellations")
         log.info("%s group %s ready at %s (tp %d, epoch %d)", self.config.role, self.config.group_id, self.address,
                  self.config.tp, self.config.epoch)
+
+    def _count_step(self, seconds: float) -> None:
+        self.metrics.steps.inc()
+        self.metrics.step_seconds.observe(seconds)
 
     async def _open_kv_agents(self, engine: LLMEngine) -> None:
         """The block path: an agent on every rank, registered over its KV cache for the group's
@@ -149,12 +155,15 @@ class GroupLeader(ABC):
     def record(self) -> GroupRecord:
         assert self.loop is not None and self.engine is not None
         s = self.loop.stats
+        base, per_token, per_decode, per_context = s.step_model
         return GroupRecord(group_id=self.config.group_id, role=self.config.role, tp=self.config.tp,
                            epoch=self.config.epoch, address=self.address, running=s.running,
                            max_running=self.config.max_num_seqs, free_kv_blocks=s.free_blocks,
                            used_kv_blocks=s.used_blocks, block_size=self.config.block_size,
-                           max_model_len=self.engine.max_model_len, model=self.config.model.name, pid=os.getpid(),
-                           aborted=self.aborted)
+                           max_model_len=self.engine.max_model_len, queued_tokens=s.queued_tokens,
+                           model=self.config.model.name, pid=os.getpid(), aborted=self.aborted,
+                           prefill_tokens_per_s=1.0 / per_token if per_token > 0 else 0.0, step_base_s=base,
+                           step_per_token_s=per_token, step_per_decode_s=per_decode, step_per_context_s=per_context)
 
     async def _heartbeat_once(self) -> None:
         group = self.record()
@@ -201,3 +210,13 @@ def sampling_of(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                           seed=p.seed if p.has_seed else None, stop_token_ids=tuple(p.stop_token_ids),
                           ignore_eos=p.ignore_eos)
+
+
+def slo_of(q: pb.QueuedRequest) -> SLO:
+    """The request's tier as the engine schedules it (services/engine/policy.py); none without one."""
+    if not q.HasField("slo"):
+        return NO_SLO
+    s = q.slo
+    return SLO(deadline_s=q.arrival_s + s.ttft_s if s.ttft_s > 0 else math.inf,
+               tpot_s=s.tpot_s if s.tpot_s > 0 else math.inf, weight=s.weight,
+               starved_at_s=q.arrival_s + s.max_wait_s if s.max_wait_s > 0 else math.inf)

@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-reserve-gib", type=float, default=None,
                    help="CPU slots: host memory kept warm for the KV cache and re-cut weights, GiB (default: "
                         "--kv-cache-gib + 4x the model's weights; 0: freed memory goes back to the OS and each switch faults it in again)")
+    p.add_argument("--schedule", choices=("tier", "fcfs"), default="tier",
+                   help="the engine's policy: tier (prompts by TTFT deadline, steps guarded to the tightest TPOT, "
+                        "the lowest tier preempted first; the default) or fcfs (first come, first served, as vLLM)")
+    p.add_argument("--max-step-s", type=float, default=0.0,
+                   help="with --schedule tier: a step that carries prompt tokens takes at most this long, so an "
+                        "urgent prompt arriving mid-prefill waits one such step (nitsum up sets a quarter of the "
+                        "tiers' tightest TTFT target; 0: no cap)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "auto"),
                    help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
                         "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                         device="cuda:0" if args.device == "cuda" else args.device,
                         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), dist_timeout_s=args.dist_timeout,
                         dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                        kv_backend=args.kv_backend)
+                        kv_backend=args.kv_backend, schedule=args.schedule,
+                        max_step_s=max(0.0, args.max_step_s))
     return asyncio.run(_serve(config))
 
 

@@ -48,7 +48,8 @@ class SlotWeights:
         c = self.config
         return EngineArgs(str(c.model), tp=tp, device=c.device, dtype=c.dtype, block_size=c.block_size,
                           max_num_seqs=c.max_num_seqs, kv_cache_bytes=c.kv_cache_bytes, spawn_workers=False,
-                          dist_timeout_s=c.dist_timeout_s)
+                          dist_timeout_s=c.dist_timeout_s, schedule=c.schedule,
+                          max_step_s=c.max_step_s)
 
     def tokenizer(self) -> Tokenizer:
         """Read once: every epoch's engine serves the same checkpoint."""

@@ -44,7 +44,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "tier", "arrival_s", "prompt_ids", "sampling", "attempt", "resume_ids")
+    __slots__ = ("request_id", "tier", "arrival_s", "prompt_ids", "sampling", "attempt", "resume_ids", "slo")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class QueuedRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RESUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tier: str
     arrival_s: float
@@ -59,7 +60,20 @@ class QueuedRequest(_message.Message):
     sampling: SamplingParams
     attempt: int
     resume_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., arrival_s: _Optional[float] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., attempt: _Optional[int] = ..., resume_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    slo: TierSLO
+    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., arrival_s: _Optional[float] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., attempt: _Optional[int] = ..., resume_ids: _Optional[_Iterable[int]] = ..., slo: _Optional[_Union[TierSLO, _Mapping]] = ...) -> None: ...
+
+class TierSLO(_message.Message):
+    __slots__ = ("ttft_s", "tpot_s", "weight", "max_wait_s")
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    ttft_s: float
+    tpot_s: float
+    weight: float
+    max_wait_s: float
+    def __init__(self, ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., weight: _Optional[float] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("kind", "message", "retry_after_s")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from services.supervise import RestartPolicy, Supervisor
 from tests.e2e.helpers import wait_for
 
@@ -59,3 +61,36 @@ def test_a_usage_error_is_not_restarted() -> None:
         assert child.restarts == 0 and child.last_status == 2
     finally:
         sup.stop_all(timeout_s=5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_children_do_not_outlive_a_parent_killed_hard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A `nitsum up` (here: a process that starts a child the way it does) SIGKILLed leaves no child behind."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from services.supervise import die_with_parent\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=die_with_parent,"
+        " start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n")])
+    try:
+        wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 20, "the child to start")
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+        def gone() -> bool:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    return f.read().split(") ")[1].startswith("Z")  # a zombie waiting for init is gone
+            except FileNotFoundError:
+                return True
+        wait_for(gone, 10, "the orphaned child to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

@@ -21,7 +21,7 @@ import uvicorn
 
 from services.cluster.redis_server import RedisServer
 from services.config import GatewayConfig, RedisSettings
-from services.gateway import app as gateway_app
+from services.gateway import admission
 from services.gateway.app import create_app
 from tests.gateway.conftest import Mesh
 
@@ -70,7 +70,7 @@ def test_internal_error_is_a_logged_500_and_the_connection_stays_usable(live, mo
     def broken(*args: object) -> None:
         raise RuntimeError("a bug in building the sampling parameters")
 
-    monkeypatch.setattr(gateway_app, "_sampling", broken)
+    monkeypatch.setattr(admission, "sampling", broken)
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "hi"}),

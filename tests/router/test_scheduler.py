@@ -132,6 +132,51 @@ def test_the_lowest_tier_leaves_a_share_of_decode_slots_to_the_others() -> None:
     assert len(alone.dispatch) == 8  # one tier only: nothing to leave room for
 
 
+def test_with_the_tpot_guard_background_fills_only_the_rows_the_interactive_tpot_allows() -> None:
+    """A decode group whose step is 10 ms a row carries 4 rows within 0.9 x interactive's 50 ms
+    TPOT: the batch tier gets 0.75 of those 4, whatever its max_running; without its step model, or
+    without the guard (the baselines), it gets 0.75 of max_running."""
+    from dataclasses import replace
+
+    def step(rows: int, context: int) -> float:
+        return 0.01 * rows + 1e-7 * context
+
+    dec = replace(group("d", role="decode", max_running=32), decode_step_s=step)
+    groups = (group("p", role="prefill"), dec)
+    flood = tuple(q(f"b{i}", "batch", 0.0, prompt=4, out=4) for i in range(40))
+    assert len(schedule(SchedulerSnapshot(0.1, DEFAULT_TIERS, flood, groups, tpot_guard=0.9)).dispatch) == 3
+    assert len(schedule(SchedulerSnapshot(0.1, DEFAULT_TIERS, flood, groups)).dispatch) == 24
+    unknown = (group("p", role="prefill"), group("d", role="decode", max_running=32))
+    assert len(schedule(SchedulerSnapshot(0.1, DEFAULT_TIERS, flood, unknown, tpot_guard=0.9)).dispatch) == 24
+    # Interactive requests are not capped by it: they may use every batch place.
+    chat = tuple(q(f"i{i}", "interactive", 0.0, prompt=4, out=4) for i in range(40))
+    assert len(schedule(SchedulerSnapshot(0.1, DEFAULT_TIERS, chat, groups, tpot_guard=0.9)).dispatch) == 32
+
+
+def test_with_deadline_ordered_engines_only_prompts_due_sooner_count_as_ahead() -> None:
+    """A prefill group holding 6 s of batch prompts: an interactive request would miss its 0.5 s
+    TTFT behind them in arrival order (so it waits for spare capacity), but engines that prefill
+    by deadline serve it first, and the router, told what the group holds, sends it at once."""
+    from dataclasses import replace
+
+    busy = GroupState("p", "prefill", 1, 0, 16, 0, 0, queued_tokens=6000, prefill_tokens_per_s=1000)
+    known = replace(busy, prefill_deadlines=((30.0, 3000), (31.0, 3000)))
+    chat = (q("i", "interactive", 0.0, prompt=100),)
+    for pre, sent in ((busy, []), (known, ["i"])):
+        assert order(schedule(SchedulerSnapshot(0.0, DEFAULT_TIERS, chat, (pre, group("d", role="decode"))))) == sent
+    # An interactive prompt already held, due before it, is ahead: 450 + 100 tokens miss 0.5 s.
+    crowded = replace(busy, prefill_deadlines=((0.3, 450), (30.0, 3000)))
+    assert order(schedule(SchedulerSnapshot(0.0, DEFAULT_TIERS, chat, (crowded, group("d", role="decode"))))) == []
+
+
+def test_rows_within_is_the_largest_batch_that_fits() -> None:
+    from router.decide.scheduler import rows_within
+
+    assert rows_within(lambda n, c: 0.02 + 0.005 * n + 1e-5 * c, 0.05, 100.0, 64) == 5  # 0.02 + 5 x 0.006
+    assert rows_within(lambda n, c: 1.0, 0.5, 0.0, 64) == 0
+    assert rows_within(lambda n, c: 0.0, 0.5, 0.0, 64) == 64
+
+
 def test_a_prefill_group_takes_at_most_its_window_and_the_rest_wait_in_tier_order() -> None:
     pre = GroupState("p", "prefill", 1, 0, 16, 0, 0, queued_tokens=0, queued_requests=3, max_queued_requests=4)
     groups = (pre, group("d", role="decode"))
