@@ -58,9 +58,13 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
         await self.migrator.close()
 
     async def _admit(self, handoff: KVHandoff) -> pb.Error | None:
+        self.metrics.kv_transfer_bytes.labels("received").inc(handoff.kv.k.numel() * handoff.kv.k.element_size() * 2)
+        return await self._add_prefilled(handoff)
+
+    async def _add_prefilled(self, handoff: KVHandoff) -> pb.Error | None:
+        """A request whose KV is here joins the batch; None once it runs, else why not."""
         assert self.loop is not None and self.engine is not None
         q = handoff.request
-        self.metrics.kv_transfer_bytes.labels("received").inc(handoff.kv.k.numel() * handoff.kv.k.element_size() * 2)
         if not self.admitting:
             return error(pb.OVERLOADED, f"decode group {self.config.group_id} is being reconfigured",
                          retry_after_s=0.5)
@@ -98,14 +102,17 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
             q = self._requests.get(out.request_id)
             if out.request_id not in self._active or q is None:
                 continue
+            batch.append((q.request_id, self._event(out, q, now)))
             if out.finished:
                 self._forget(out.request_id)
-            # next_group names this group on every event: it holds the request (router/live/recovery.py).
-            batch.append((q.request_id, pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
-                                                        time_s=now, next_group=self.config.group_id, index=out.index,
-                                                        attempt=q.attempt)))
         if batch:
             self._outbox.put_nowait(batch)
+
+    def _event(self, out: RequestOutput, q: pb.QueuedRequest, now: float) -> pb.TokenEvent:
+        """One step's tokens of one request, as its output stream gets them."""
+        # next_group names this group on every event: it holds the request (router/live/recovery.py).
+        return pb.TokenEvent(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "", time_s=now,
+                             next_group=self.config.group_id, index=out.index, attempt=q.attempt)
 
     def _forget(self, request_id: str) -> None:
         self._active.discard(request_id)
@@ -153,10 +160,10 @@ class DecodeLeader(GroupLeader, pb_grpc.DecodeServicer):
     async def drain(self, command: pb.DrainCommand) -> tuple[pb.DrainResult, list[KVHandoff]]:
         """Empty this group for a reconfiguration. No new KV is admitted; a request within
         `finish_within` tokens of its end finishes here; every other one is taken out (KV of all
-        its tokens, its tokens and sampling parameters) and migrated to one of `targets` (decode
-        groups that stay), or returned to be parked when none takes it, for the next epoch's
-        decode groups. Its stream continues without a repeated or lost token: the events of the
-        steps run here are written before the KV leaves."""
+        its tokens, its tokens and sampling parameters) and migrated to one of `targets` (groups
+        that stay and decode: decode or colocated), or returned to be parked when none takes it,
+        for the next epoch's decode groups. Its stream continues without a repeated or lost
+        token: the events of the steps run here are written before the KV leaves."""
         assert self.loop is not None and self.engine is not None
         engine = self.engine
         self.admitting = False

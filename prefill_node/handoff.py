@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from kvtransfer.base import KVBackend, KVHandoff
 from kvtransfer.state import TransferState
-from router.decide.scheduler import GroupState, PendingRequest, decode_group_for
+from router.decide.scheduler import GroupState, PendingRequest, decode_group_for, role_does_decode
 from services.cluster.schema import GroupRecord
 from services.metrics import NodeMetrics
 from services.rpc import pb
@@ -57,9 +57,10 @@ def failure_reason(err: pb.Error) -> str:
 
 def pick_decode_group(groups: Sequence[GroupRecord], tried: set[str], epoch: int,
                       request: pb.QueuedRequest) -> DecodeTarget | None:
-    """The live decode group to fail over to, by the router's placement rule: not tried yet, with
-    room for the request, the request's epoch first, then the fewest running per TP rank."""
-    live = {g.group_id: g for g in groups if g.role == "decode" and g.address and g.group_id not in tried}
+    """The live decode-capable group (decode or colocated) to fail over to, by the router's placement
+    rule: not tried yet, with room for the request, the request's epoch first, then the fewest
+    running per TP rank."""
+    live = {g.group_id: g for g in groups if role_does_decode(g.role) and g.address and g.group_id not in tried}
     context = len(request.prompt_ids) + len(request.resume_ids)
     need = PendingRequest(request.request_id, request.tier, request.arrival_s, context,
                           request.sampling.max_tokens - len(request.resume_ids))

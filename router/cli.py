@@ -92,8 +92,15 @@ def register_plan(plan_subparsers: Any) -> None:
     ex = plan_subparsers.add_parser("explain", help="which plan the planner picks for a load, and why")
     _add_model_args(ex)
     ex.add_argument("--current", help="current plan, e.g. c2,c2,c2,c2 (default: the planner's start)")
-    ex.add_argument("--load", required=True,
+    ex.add_argument("--load", default=None,
                     help="per tier RATE:PROMPT:OUTPUT, e.g. interactive=2:2000:30,standard=5:1100:200")
+    ex.add_argument("--router", default=None,
+                    help="explain the running cluster instead: the autopilot's live estimate, candidates and last "
+                         "decision, from this router's admin URL (then --load and the model options are not used)")
+    ex.add_argument("--admin-key", default=None, help="with --router: admin key (default: $NITSUM_ADMIN_KEY or "
+                                                      ".nitsum/admin-key)")
+    ex.add_argument("--json", action="store_true", help="with --router: print the router's JSON answer")
+    ex.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     ex.set_defaults(func=_guard(_cmd_explain))
 
 
@@ -208,6 +215,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    if args.router:
+        from router.live.plan_cli import explain_live
+
+        return explain_live(args)
+    if not args.load:
+        raise UserError("give --load TIER=RATE:PROMPT:OUTPUT,... (or --router URL to explain the running cluster)")
     perf = _perf(args)
     loads = []
     for item in filter(None, args.load.split(",")):

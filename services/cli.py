@@ -23,13 +23,13 @@ import router.cli
 import router.live.plan_cli
 import router.live.service_cli
 import services.gateway.cli
-import services.launch
 import services.node.slot_cli
+import services.up_cli
 from services.engine import cli as engine_cli
 from services.gguf import cli as gguf_cli
 
 # Modules that contribute subcommands, in the order `nitsum --help` lists them.
-COMMAND_MODULES = (services.launch, services.gateway.cli, router.live.service_cli, prefill_node.cli,
+COMMAND_MODULES = (services.up_cli, services.gateway.cli, router.live.service_cli, prefill_node.cli,
                    decode_node.cli, services.node.slot_cli, router.cli, bench.replay_cli)
 
 

@@ -173,9 +173,9 @@ class RouterConfig(_Frozen):
 
 
 class NodeConfig(_Frozen):
-    """One slot process of a prefill or decode group; rank 0 is the group's leader."""
+    """One slot process of a prefill, decode or colocated group; rank 0 is the group's leader."""
 
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "colocated"]
     model: Path
     group_id: str
     rank: int = Field(default=0, ge=0)

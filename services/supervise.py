@@ -138,15 +138,18 @@ class Supervisor:
             except Exception as e:  # counting must never stop a restart
                 log.warning("nitsum up: could not count the restart of %s: %s", c.name, e)
 
-    def stop_all(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every running child (newest first), wait, SIGKILL what is left."""
+    def stop_all(self, timeout_s: float = 10.0, last: tuple[str, ...] = ()) -> None:
+        """SIGTERM every running child (newest first), wait, SIGKILL what is left; the children
+        named in `last` only once the others are gone (Redis: the others write to it on their way out)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._lock:
             children = list(reversed(self.children))
             self.children.clear()
-        stop_processes([c.proc for c in children if c.proc is not None], timeout_s)
+        first = [c.proc for c in children if c.proc is not None and c.name not in last]
+        stop_processes(first, timeout_s)
+        stop_processes([c.proc for c in children if c.proc is not None and c.name in last], timeout_s)
 
 
 def _linux_prctl() -> Callable[..., int] | None:

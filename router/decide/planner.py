@@ -133,13 +133,15 @@ class Planner:
     caller's `PlannerState`, passed in and handed back."""
 
     def __init__(self, perf: PerfModel, tiers: tuple[Tier, ...], slots: int,
-                 cfg: PlannerConfig | None = None) -> None:
+                 cfg: PlannerConfig | None = None, tps: tuple[int, ...] | None = None) -> None:
+        """`tps`: the TP degrees the model can be cut into (services/engine/tp.py; None: any)."""
         self.perf, self.tiers, self.slots = perf, tiers, slots
         self.cfg = cfg or PlannerConfig()
-        min_tp = next((t for t in (1, 2, 4, 8) if perf.fits(t)), None)
+        min_tp = next((t for t in (1, 2, 4, 8) if perf.fits(t) and (tps is None or t in tps)), None)
         if min_tp is None or min_tp > slots:
             raise ValueError(f"{perf.model.name} does not fit on {slots} {perf.device.name} slots")
-        self.candidates = enumerate_plans(slots, min_tp=min_tp, roles=self.cfg.roles)
+        self.candidates = [p for p in enumerate_plans(slots, min_tp=min_tp, roles=self.cfg.roles)
+                           if tps is None or all(g.tp in tps for g in p.groups)]
 
     def best_static(self, workload: WorkloadEstimate) -> Plan:
         """The plan the model predicts best for this workload, ignoring move costs."""

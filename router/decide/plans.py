@@ -2,8 +2,8 @@
 
 The compact text form is used everywhere (CLI, logs, explanations): `p1,d2` is a prefill group
 of TP 1 on slot 0 and a decode group of TP 2 on slots 1-2; slots are handed out in order.
-`c4` is a colocated group (prefill and decode on the same replica, the vLLM-like layout used by
-the baselines). The JSON form names the slots explicitly and carries the plan's epoch, which is
+`c4` is a colocated group (prefill and decode on the same replica, the vLLM-like layout; the
+baselines use it, and the mesh serves it like the other two). The JSON form names the slots explicitly and carries the plan's epoch, which is
 what the cluster stores and what every plan-dependent message carries.
 """
 

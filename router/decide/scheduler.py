@@ -47,7 +47,8 @@ from services.tiers import Tier
 
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
-# A colocated group does both phases (the vLLM-like baseline); the live mesh uses the two above.
+# A colocated group does both phases on one replica (the vLLM-like layout; decode_node/colocated.py
+# in the mesh): placement treats it as prefill-capable and decode-capable, independently.
 ROLE_COLOCATED = "colocated"
 
 

@@ -5,6 +5,11 @@
                                ({"groups": [{"role": "prefill", "slots": [0, 1]}, ...]});
                                answers the reconfiguration's report
   GET  /admin/reconfigurations the last reports, oldest first
+  GET  /admin/autopilot        the plan loop's settings, state and last decision (with its explanation);
+                               ?explain=1 adds the live estimate and the best candidates' predicted goodput
+  POST /admin/autopilot        {"enabled": true|false, "interval_s": 5, "pin": "p1,d1", "unpin": true}
+                               (any subset; a pinned plan is applied and held until unpinned)
+  GET  /admin/decisions        the plan loop's last decisions, oldest first (?limit=N, default 100)
   GET  /metrics                the router's Prometheus metrics (no key needed)
 
 The key goes in `Authorization: Bearer KEY`. Errors use OpenAI's shape: {"error": {"message",
@@ -23,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from router.reconfig.orchestrator import Orchestrator, PlanError, parse_plan_input
+from services.cluster import journal
 from services.metrics import CONTENT_TYPE, RouterMetrics, generate_latest
 
 
@@ -33,7 +39,7 @@ def _error(status: int, message: str, kind: str, code: str, extra: dict[str, Any
 
 
 def build_app(orchestrator: Orchestrator, metrics: RouterMetrics, admin_key: str,
-              is_leading: Any = lambda: True) -> FastAPI:
+              is_leading: Any = lambda: True, autopilot: Any = None) -> FastAPI:
     app = FastAPI(title="nitsum router admin", docs_url=None, redoc_url=None, openapi_url=None)
 
     def denied(request: Request) -> JSONResponse | None:
@@ -70,6 +76,8 @@ def build_app(orchestrator: Orchestrator, metrics: RouterMetrics, admin_key: str
             return bad
         return JSONResponse({"reconfigurations": [r.to_dict() for r in orchestrator.history]})
 
+    _autopilot_routes(app, denied, orchestrator, autopilot)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
@@ -104,3 +112,63 @@ async def _apply(orchestrator: Orchestrator, raw: bytes) -> Response:
                       {"report": body})
     return _error(409, f"the plan could not be applied as asked ({report.error}); the cluster runs "
                   f"{report.plan} instead ({report.result})", "conflict_error", report.result, {"report": body})
+
+
+def _autopilot_routes(app: FastAPI, denied: Any, orchestrator: Orchestrator, autopilot: Any) -> None:
+    """GET/POST /admin/autopilot and GET /admin/decisions (router/live/autopilot.py)."""
+    @app.get("/admin/autopilot")
+    async def pilot_status(request: Request) -> Response:
+        if (bad := denied(request)) is not None:
+            return bad
+        if autopilot is None:
+            return _no_autopilot()
+        return JSONResponse(autopilot.explain() if request.query_params.get("explain") else autopilot.status())
+
+    @app.post("/admin/autopilot")
+    async def pilot_control(request: Request) -> Response:
+        if (bad := denied(request)) is not None:
+            return bad
+        if autopilot is None:
+            return _no_autopilot()
+        return _control(autopilot, await request.body())
+
+    @app.get("/admin/decisions")
+    async def decisions(request: Request, limit: int = 100) -> Response:
+        if (bad := denied(request)) is not None:
+            return bad
+        if not 1 <= limit <= 500:
+            return _error(400, f"limit {limit}: give 1 to 500", "invalid_request_error", "invalid_limit")
+        return JSONResponse({"decisions": await journal.decisions(orchestrator.cluster, limit)})
+
+
+def _no_autopilot() -> JSONResponse:
+    return _error(404, "this router runs no autopilot (started with --no-orchestrate)", "not_found_error",
+                  "no_autopilot")
+
+
+_CONTROL_KEYS: dict[str, type | tuple[type, ...]] = {"enabled": bool, "interval_s": (int, float), "pin": str,
+                                                   "unpin": bool}
+
+
+def _control(autopilot: Any, raw: bytes) -> Response:
+    """POST /admin/autopilot: a 400 naming the field for anything malformed; nothing changes then."""
+    try:
+        doc = json.loads(raw or b"null")
+    except json.JSONDecodeError as e:
+        return _error(400, f"body is not JSON: {e}", "invalid_request_error", "invalid_json")
+    if not isinstance(doc, dict) or not doc:
+        return _error(400, 'send a JSON object with any of "enabled", "interval_s", "pin", "unpin"',
+                      "invalid_request_error", "invalid_body")
+    for key, value in doc.items():
+        kind = _CONTROL_KEYS.get(key)
+        if kind is None:
+            return _error(400, f"unknown field {key!r}; use enabled, interval_s, pin, unpin", "invalid_request_error",
+                          "unknown_field")
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            return _error(400, f"{key} has the wrong type ({type(value).__name__})", "invalid_request_error",
+                          "invalid_type")
+    try:
+        return JSONResponse(autopilot.control(doc.get("enabled"), doc.get("interval_s"), doc.get("pin"),
+                                              bool(doc.get("unpin", False))))
+    except ValueError as e:
+        return _error(400, str(e), "invalid_request_error", "invalid_value")

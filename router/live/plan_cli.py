@@ -2,6 +2,9 @@
 
     nitsum plan show  [--router URL] [--admin-key KEY] [--json]
     nitsum plan apply PLAN [--router URL] [--admin-key KEY] [--json]
+    nitsum plan history [--limit N] [--router URL] [--admin-key KEY] [--json]
+    nitsum plan autopilot [on|off] [--interval S] [--pin PLAN | --unpin] [--router URL] [--json]
+    nitsum plan explain --router URL        (the live loop's view; see router/cli.py for --load)
 
 PLAN is a file holding a plan as JSON (the schema in docs/plan.schema.json), `-` for standard
 input, or the compact form itself (`p2,d1,d1`). --router takes several URLs, comma-separated (a
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,6 +37,17 @@ def register(plan_subparsers: Any) -> None:
     apply.add_argument("plan", help="a plan JSON file, - for stdin, or the compact form like p2,d1,d1")
     _common(apply)
     apply.set_defaults(func=_apply)
+    hist = plan_subparsers.add_parser("history", help="the autopilot's last decisions, oldest first")
+    hist.add_argument("--limit", type=int, default=50, help="how many (1-500, default 50)")
+    _common(hist)
+    hist.set_defaults(func=_history)
+    pilot = plan_subparsers.add_parser("autopilot", help="turn the autopilot on or off, pin a plan, or show its state")
+    pilot.add_argument("state", nargs="?", choices=("on", "off"), help="turn it on or off (default: only show)")
+    pilot.add_argument("--interval", type=float, default=None, help="seconds between decisions")
+    pilot.add_argument("--pin", default=None, help="apply this plan and hold it until --unpin")
+    pilot.add_argument("--unpin", action="store_true", help="let the autopilot choose again")
+    _common(pilot)
+    pilot.set_defaults(func=_autopilot)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,21 +68,22 @@ def _key(args: argparse.Namespace) -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
-def _call(args: argparse.Namespace, method: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+def _call(args: argparse.Namespace, method: str, body: dict[str, Any] | None = None,
+          path: str = "/admin/plan") -> tuple[int, dict[str, Any]]:
     """The first router of --router that answers (a standby does not serve the admin API)."""
     urls = [u.strip() for u in args.router.split(",") if u.strip()]
     for url in urls[:-1]:
         try:
-            return _call_one(args, url, method, body)
+            return _call_one(args, url, method, body, path)
         except ConnectionError:
             continue
-    return _call_one(args, urls[-1] if urls else DEFAULT_ROUTER, method, body)
+    return _call_one(args, urls[-1] if urls else DEFAULT_ROUTER, method, body, path)
 
 
 def _call_one(args: argparse.Namespace, url: str, method: str,
-              body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+              body: dict[str, Any] | None, path: str = "/admin/plan") -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url.rstrip('/')}/admin/plan", data=data, method=method,
+    req = urllib.request.Request(f"{url.rstrip('/')}{path}", data=data, method=method,
                                  headers={"Authorization": f"Bearer {_key(args)}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as r:
@@ -150,4 +166,94 @@ def _apply(args: argparse.Namespace) -> int:
             print(f"  {g['group_id']:<10} {g['role']:<8} tp {g['tp']}  slots {','.join(map(str, g['slots']))}  {what}")
     if status != 200:
         return _fail(status, doc)
+    return 0
+
+
+def _get(args: argparse.Namespace, path: str, method: str = "GET",
+         body: dict[str, Any] | None = None) -> dict[str, Any] | int:
+    """The router's answer, or the exit status after printing a one-line error."""
+    try:
+        status, doc = _call(args, method, body, path)
+    except ConnectionError as e:
+        print(f"nitsum plan: error: {e}", file=sys.stderr)
+        return 2
+    if status != 200:
+        return _fail(status, doc)
+    return doc
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _history(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 500:
+        print(f"nitsum plan: error: --limit {args.limit}: give 1 to 500", file=sys.stderr)
+        return 2
+    doc = _get(args, f"/admin/decisions?limit={args.limit}")
+    if isinstance(doc, int):
+        return doc
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    if not doc["decisions"]:
+        print("no decisions yet (the autopilot decides every few seconds once the router leads)")
+    for d in doc["decisions"]:
+        move = f"{d['plan']} -> {d['to']}" if d.get("to") else d["plan"]
+        result = f" [{d['report']['result']} in {d['report']['seconds']:.1f}s]" if d.get("report") else ""
+        offered = ", ".join(f"{k} {v:.2f}/s" for k, v in d.get("offered", {}).items() if v > 0) or "idle"
+        good = ", ".join(f"{k} {v:.2f}/s" for k, v in d.get("measured_goodput", {}).items() if v > 0)
+        print(f"{_clock(d['at'])} {d['action']:<6} {move}{result}: {d['reason']} | offered {offered}"
+              + (f" | met {good}" if good else ""))
+    return 0
+
+
+def _autopilot(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.state:
+        body["enabled"] = args.state == "on"
+    if args.interval is not None:
+        body["interval_s"] = args.interval
+    if args.pin:
+        body["pin"] = args.pin
+    if args.unpin:
+        body["unpin"] = True
+    doc = _get(args, "/admin/autopilot", "POST" if body else "GET", body or None)
+    if isinstance(doc, int):
+        return doc
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"autopilot {'on' if doc['enabled'] else 'off'}, every {doc['interval_s']:g} s, hold {doc['min_hold_s']:g} s, "
+          f"margin {doc['margin']:.0%}, {doc['moves_last_hour']}/{doc['max_moves_per_hour']} moves in the last hour"
+          + (f"; pinned to {doc['pinned']}" if doc.get("pinned") else ""))
+    print(f"perf model: {doc['perf_model']}; measured move pauses: "
+          + ", ".join(f"{k} {v:.2f}s" if v is not None else f"{k} (none yet)" for k, v in doc["move_costs_s"].items()))
+    if doc.get("last_decision"):
+        print(f"last decision ({_clock(doc['last_decision']['at'])}): {doc['last_decision']['explanation']}")
+    return 0
+
+
+def explain_live(args: argparse.Namespace) -> int:
+    """`nitsum plan explain --router URL`: the live estimate, the candidates, the last decision."""
+    doc = _get(args, "/admin/autopilot?explain=1")
+    if isinstance(doc, int):
+        return doc
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    st = doc["status"]
+    print(f"autopilot {'on' if st['enabled'] else 'off'}" + (f", pinned to {st['pinned']}" if st.get("pinned") else "")
+          + f"; perf model: {st['perf_model']}")
+    print(f"live workload (last {st['window_s']:g} s): {doc['workload']}")
+    met = ", ".join(f"{k} {v:.2f}/s" for k, v in doc["measured_goodput"].items())
+    print(f"measured goodput: {met or 'none yet'}")
+    if doc["candidates"]:
+        print("candidates (predicted goodput per tier, req/s; the current plan first):")
+    for c in doc["candidates"]:
+        tiers = ", ".join(f"{k} {v['goodput']:.2f}/{v['rate']:.2f}" for k, v in c["tiers"].items())
+        print(f"  {'*' if c['current'] else ' '} {c['plan']:<14} score {c['score']:.2f}  {tiers or 'no load'}")
+    if st.get("last_decision"):
+        print(f"last decision ({_clock(st['last_decision']['at'])}, {st['last_decision']['action']}):")
+        print("  " + st["last_decision"]["explanation"].replace("\n", "\n  "))
     return 0

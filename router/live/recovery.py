@@ -18,8 +18,8 @@ Lifecycle of a recovery (`Recovery.sweep`, every `period_s` and at once when a f
    the prompt and those tokens, and the stream goes on with the next token. With no group to take
    it, it waits in the queue (parked) until one is back.
 
-A request held by a live prefill group that never claimed it (a router that died between putting
-it on the ledger and sending it) is resumed after `unclaimed_grace_s`.
+A request held by a live prefill (or colocated) group that never claimed it (a router that died
+between putting it on the ledger and sending it) is resumed after `unclaimed_grace_s`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Protocol
 
 import grpc
 
+from router.decide.scheduler import role_does_prefill
 from services.cluster import ClusterClient, GroupRecord
 from services.cluster.events import fold
 from services.rpc import ChannelPool, pb, pb_grpc
@@ -120,7 +121,7 @@ class Recovery:
         """Resume every request on the ledger whose holder is gone; returns how many."""
         live = {g.group_id for g in groups if g.group_id not in self.dead}
         live |= {s.slot_id for s in await self.cluster.slots()}
-        prefill = {g.group_id for g in groups if g.role == "prefill"}
+        prefill = {g.group_id for g in groups if role_does_prefill(g.role)}
         holders = await self.cluster.holders()
         resumed = 0
         for rid, holder in holders.items():

@@ -219,7 +219,8 @@ class Router:
             p_load.requests += 1
             p_load.tokens += _context(q)
             p_load.deadlines[q.request_id] = (q.arrival_s + self.config.policy.tier(q.tier).ttft_s, _context(q))
-            d_load.requests += 1
+            if d_load is not p_load:  # a colocated group doing both phases holds the request once
+                d_load.requests += 1
             d_load.blocks += blocks
             self.tasks.spawn(self._dispatch(entry, prefill, decode, p_load, d_load, blocks), name=f"dispatch-{d.request_id}")
 
@@ -253,7 +254,8 @@ class Router:
             p_load.requests -= 1
             p_load.tokens -= _context(q)
             p_load.deadlines.pop(q.request_id, None)
-            d_load.requests -= 1
+            if d_load is not p_load:
+                d_load.requests -= 1
             d_load.blocks -= blocks
             self.dispatching.discard(q.request_id)
             self._groups_at = float("-inf")  # the groups' load changed: re-read before the next decision

@@ -41,6 +41,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the baseline; run the slots with the same --schedule)")
     p.add_argument("--no-orchestrate", action="store_true",
                    help="do not apply the plan stored in Redis to the slots (static prefill/decode groups only)")
+    p.add_argument("--autopilot", choices=("on", "off"), default="on",
+                   help="re-plan the cluster on its own from the live load (docs/adaptive-tp.md; default on; "
+                        "needs --model or --profile, and the orchestrator)")
+    p.add_argument("--autopilot-interval", type=float, default=5.0, help="seconds between the autopilot's decisions")
+    p.add_argument("--autopilot-hold", type=float, default=30.0,
+                   help="seconds a plan is kept at least (after a change, and after start)")
+    p.add_argument("--autopilot-margin", type=float, default=0.05,
+                   help="a new plan must beat the current one's predicted score by this share")
+    p.add_argument("--autopilot-max-moves", type=int, default=20, help="at most this many plan changes an hour")
+    p.add_argument("--autopilot-window", type=float, default=60.0,
+                   help="seconds of arrivals and completions the workload estimate covers")
+    p.add_argument("--autopilot-correct", choices=("on", "off"), default="on",
+                   help="on: refit the perf model to the groups' measured steps and widen the hysteresis by the "
+                        "model's error on the current plan; off: trust --profile as given")
+    p.add_argument("--model", default=None,
+                   help="the checkpoint the slots serve (its config.json shapes the autopilot's perf model and "
+                        "the TP degrees it may choose)")
+    p.add_argument("--profile", default=None,
+                   help="`nitsum profile` output for this host: the autopilot's perf model (else the built-in "
+                        "roofline, corrected online from the groups' measured steps)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +77,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 
 async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int = 0, admin_port: int = 0,
-                admin_key: str = "", orchestrate: bool = True, plan: Any = None) -> int:
+                admin_key: str = "", orchestrate: bool = True, plan: Any = None, autopilot: Any = None) -> int:
+    """`autopilot`: (AutopilotSettings, Profile | None, model dir | None), or None for no plan loop."""
     from router.live.service import Router
     from router.reconfig.orchestrator import Orchestrator
     from services.cluster import ClusterClient
@@ -76,8 +97,18 @@ async def serve(config: RouterConfig, host: str = "127.0.0.1", metrics_port: int
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, host, registry=router.metrics.registry)
+    pilot = None
+    if orchestrate and autopilot is not None:
+        from router.live.autopilot import Autopilot
+        from services.engine.tp import supported_tps
+
+        settings, profile, model_dir = autopilot
+        tps = supported_tps(model_dir) if model_dir is not None and (model_dir / "config.json").is_file() else None
+        pilot = Autopilot(settings, router, orchestrator, cluster, config.policy.tiers, router.metrics, profile,
+                          model_dir, tps)
+        tasks.spawn(pilot.run(stop), name="autopilot")
     if admin_port:
-        tasks.spawn(_serve_admin(orchestrator, router, host, admin_port, admin_key, stop), name="admin")
+        tasks.spawn(_serve_admin(orchestrator, router, host, admin_port, admin_key, stop, pilot), name="admin")
     if orchestrate:
         tasks.spawn(_bootstrap(orchestrator, router, stop, plan), name="bootstrap")
     try:
@@ -117,14 +148,15 @@ async def _bootstrap(orchestrator: Any, router: Any, stop: asyncio.Event, initia
                 log.exception("could not re-plan around a lost slot; retrying")
 
 
-async def _serve_admin(orchestrator: Any, router: Any, host: str, port: int, key: str, stop: asyncio.Event) -> None:
+async def _serve_admin(orchestrator: Any, router: Any, host: str, port: int, key: str, stop: asyncio.Event,
+                       pilot: Any = None) -> None:
     """Serve the admin API while this router leads: routers standing by share the port and take it
     over with the lead (a router that loses the lead gives the port up)."""
     import uvicorn
 
     from router.live.admin import build_app
 
-    app = build_app(orchestrator, router.metrics, key, lambda: router.leading)
+    app = build_app(orchestrator, router.metrics, key, lambda: router.leading, pilot)
     while not stop.is_set():
         if not router.leading:
             await asyncio.sleep(0.1)
@@ -154,12 +186,42 @@ def run(args: argparse.Namespace) -> int:
             from router.decide.plans import parse_plan
 
             plan = parse_plan(args.plan, slots=args.slots)
+        autopilot = _autopilot(args)
     except ValidationError as e:
         return fail("router", explain(e))
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return fail("router", str(e))
     return asyncio.run(serve(config, args.host, args.metrics_port, args.admin_port, args.admin_key,
-                             not args.no_orchestrate, plan))
+                             not args.no_orchestrate, plan, autopilot))
+
+
+def _autopilot(args: argparse.Namespace) -> Any:
+    """The plan loop's settings, the host profile and the model directory (one-line errors)."""
+    from pathlib import Path
+
+    from router.live.autopilot import AutopilotSettings
+    from router.profile import Profile
+
+    if args.autopilot_interval < 0.5:
+        raise ValueError(f"--autopilot-interval {args.autopilot_interval}: give 0.5 seconds or more")
+    if args.autopilot_window <= 0:
+        raise ValueError(f"--autopilot-window {args.autopilot_window}: give more than 0 seconds")
+    if args.autopilot_max_moves < 0:
+        raise ValueError(f"--autopilot-max-moves {args.autopilot_max_moves}: give 0 or more")
+    settings = AutopilotSettings(enabled=args.autopilot == "on", interval_s=args.autopilot_interval,
+                                 min_hold_s=args.autopilot_hold, margin=args.autopilot_margin,
+                                 max_moves_per_hour=args.autopilot_max_moves, window_s=args.autopilot_window,
+                                 correct=args.autopilot_correct == "on")
+    profile = None
+    if args.profile:
+        try:
+            profile = Profile.from_json(Path(args.profile).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--profile {args.profile}: no such file (make one with `nitsum profile`)") from None
+    model = Path(args.model) if args.model else None
+    if model is not None and not (model / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: no config.json there (give the checkpoint directory the slots serve)")
+    return settings, profile, model
 
 
 def main(argv: list[str] | None = None) -> int:

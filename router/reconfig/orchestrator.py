@@ -5,13 +5,14 @@ drives the slot processes (services/node/slot.py) over their SlotControl service
 (diff.py: a group of the new plan with the same role on the same slots as a serving group is
 kept, under its old id; every other group goes and its slots are re-cut), then the steps
 (steps.py: freeze, drain, release, reshard, activate); once all new groups are ready the router
-switches to epoch e+1 and parked requests go to the new decode groups.
+switches to epoch e+1 and parked requests go to the new decode or colocated groups.
 
 Every reconfiguration is accounted for (`ReconfigReport`): per group the pause it saw, bytes kept
 / from peers / from disk, requests finished in place, migrated and parked. A reconfiguration that
 fails half-way (a slot dies, a fetch times out) is retried once towards a valid plan made of live
 slots: the new plan without the groups that lost a slot (rolled forward), else the old one
-(rolled back); a plan with no prefill or no decode group is never applied.
+(rolled back); a plan with no prefill-capable or no decode-capable group (a colocated group is
+both) is never applied.
 
 The plan asked for (at start, or by `apply`) is the target: when a slot dies while serving,
 `heal` re-plans without its groups (their requests are resumed elsewhere, router/live/recovery.py), and
@@ -27,6 +28,7 @@ import time
 from typing import Any
 
 from router.decide.plans import Plan, parse_plan
+from router.decide.scheduler import role_does_decode
 from services.cluster import ClusterClient, PlanDoc
 from services.rpc import ChannelPool
 
@@ -100,13 +102,11 @@ class Orchestrator:
 
     # ---- applying a plan ------------------------------------------------------------------
     def check(self, plan: Plan, views: dict[int, SlotView]) -> None:
+        """Every plan `Plan` accepts (prefill, decode and colocated groups) is served; its slots must answer."""
         unknown = sorted(s for g in plan.groups for s in g.slots if s not in views)
         if unknown:
             raise PlanError(f"plan uses slot {unknown[0]}, which is not registered (live slots: "
                             f"{sorted(views) or 'none'})")
-        for g in plan.groups:
-            if g.role not in ("prefill", "decode"):
-                raise PlanError(f"group on slots {list(g.slots)}: role {g.role!r}; slots serve prefill (p) or decode (d)")
 
     async def apply(self, plan: Plan) -> ReconfigReport:
         """Move the cluster to `plan` (one reconfiguration at a time); raises PlanError on a plan
@@ -144,7 +144,7 @@ class Orchestrator:
         if not lost:
             return await self._restore(views)
         live = [g for g in self.plan.groups if g not in lost]
-        if not any(g.role == "prefill" for g in live) or not any(g.role == "decode" for g in live):
+        if not any(g.does_prefill for g in live) or not any(g.does_decode for g in live):
             return None  # nothing valid to re-plan to: requests wait in their queues for the slot's return
         async with self._lock:
             dead = sorted({i for g in lost for i in g.slots if i not in views})
@@ -242,7 +242,7 @@ class Orchestrator:
             return
         records = {g.group_id: g for g in await self.cluster.groups()}
         decode = [(g.group_id, records[g.group_id].address) for g in d.target
-                  if g.role == "decode" and g.group_id in records]
+                  if role_does_decode(g.role) and g.group_id in records]
         for v in holders:
             result = await self.slots.resume(v.address, decode, self.settings.step_timeout_s)
             if result.parked:

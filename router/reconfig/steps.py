@@ -1,8 +1,9 @@
 """The steps of one re-cut (a `PlanDiff` carried out over the slots' control service):
 
 1. freeze: the router stops routing to the groups that go and waits for its dispatches to them;
-2. drain: each decode group that goes lets requests near their end finish and migrates the rest
-   (KV, tokens, seed) to a decode group that stays, or parks them in its slot;
+2. drain: each group that goes and decodes (decode or colocated) lets requests near their end
+   finish and migrates the rest (KV, tokens, seed) to a decode or colocated group that stays, or
+   parks them in its slot; a prefill or colocated group first answers the prompts it was given;
 3. release: the slots that change stop serving, keeping their weights;
 4. reshard: each slot whose (TP degree, rank) changes keeps the bytes it holds, fetches the rest
    from peer slots, and reads from the checkpoint only what no peer holds;
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from router.decide.scheduler import role_does_decode
 from services.cluster import ClusterClient
 from services.rpc import pb
 
@@ -90,7 +92,7 @@ class Recut:
         s = self.settings
         records = {g.group_id: g for g in await self.cluster.groups()}
         stay = [(g.group_id, records[g.group_id].address) for g in self.diff.kept
-                if g.role == "decode" and g.group_id in records]
+                if role_does_decode(g.role) and g.group_id in records]
         drains = await asyncio.gather(*(self.slots.drain(self._address(g.slots[0]), s.finish_within, s.drain_wait_s,
                                                          stay, s.step_timeout_s) for g in self.diff.gone))
         for d in drains:

@@ -40,6 +40,17 @@ class Keys:
         return f"{self.prefix}holders"
 
     @property
+    def observed(self) -> str:
+        """Stream: what the gateways saw of each request (arrival; outcome, lengths, TTFT, TPOT), capped;
+        the autopilot's workload estimate and measured goodput (router/live/autopilot.py)."""
+        return f"{self.prefix}observed"
+
+    @property
+    def decisions(self) -> str:
+        """List: the autopilot's last decisions, newest first (capped), so a new leader keeps them."""
+        return f"{self.prefix}decisions"
+
+    @property
     def restarts(self) -> str:
         """Hash: process name -> times `nitsum up` restarted it."""
         return f"{self.prefix}restarts"
@@ -129,7 +140,7 @@ class GroupRecord:
     """A group as its leader announces it, refreshed by heartbeats; gone when its lease expires."""
 
     group_id: str
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "colocated"
     tp: int
     epoch: int
     address: str  # host:port of the leader's gRPC server
@@ -151,6 +162,11 @@ class GroupRecord:
     model: str = ""
     pid: int = 0
     aborted: int = 0  # requests aborted since start (client gone): their KV blocks were freed
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases of a request this group serves: a colocated group prefills and decodes."""
+        return ("prefill", "decode") if self.role == "colocated" else (self.role,)
 
     def encode(self) -> dict[str, str]:
         return _encode(self)

@@ -96,10 +96,14 @@ class RequestRun:
         self._recorded = True
         m, tier = self.metrics, self.tier.name
         m.requests.labels(tier, outcome).inc()
+        prompt = len(self.queued.prompt_ids)
         if outcome != "ok" or self.first_at is None:
+            self.upstream.observed.finish(tier, outcome, prompt, self.completion_tokens)
             return
         ttft = self.first_at - self.queued.arrival_s
         tpot = (self.last_at - self.first_at) / (self.completion_tokens - 1) if self.completion_tokens > 1 else 0.0
+        self.upstream.observed.finish(tier, outcome, prompt, self.completion_tokens, ttft, tpot,
+                                      self.tier.met(ttft, tpot))
         m.ttft.labels(tier).observe(ttft)
         if self.completion_tokens > 1:
             m.tpot.labels(tier).observe(tpot)

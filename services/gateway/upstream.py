@@ -24,6 +24,7 @@ from services.cluster import ClusterClient, GroupRecord
 from services.cluster.client import REDIS_ERRORS
 from services.cluster.events import OutputFold
 from services.config import GatewayConfig
+from services.gateway.observed import ObservationLog
 from services.rpc import pb
 from services.tasks import TaskSet
 
@@ -104,6 +105,7 @@ class Upstream:
         self.cluster = cluster
         self.tasks = tasks
         self.mux = OutputMux(cluster, tasks)
+        self.observed = ObservationLog(cluster, tasks)
         self._groups: list[GroupRecord] = []
         self._groups_at = float("-inf")
         self._max_len = 0  # the context length last served, kept through a reconfiguration
@@ -118,15 +120,16 @@ class Upstream:
         if fresh or now - self._groups_at > self.config.readiness_cache_s:
             self._groups = await self.cluster.groups()
             self._groups_at = now
-            for g in self._groups:
-                self._role_seen[g.role] = now
-                self._seen_ever.add(g.role)
+            for phase in {p for g in self._groups for p in g.phases}:
+                self._role_seen[phase] = now
+                self._seen_ever.add(phase)
         return self._groups
 
     def missing(self, groups: list[GroupRecord], grace_s: float) -> list[str]:
         """Roles (prefill, decode, router) not serving now and not within `grace_s` of having served:
-        a group being replaced (a slot restarting, a re-cut) or a router failing over is waited for."""
-        now, roles = time.monotonic(), {g.role for g in groups}
+        a group being replaced (a slot restarting, a re-cut) or a router failing over is waited for.
+        A colocated group serves both prefill and decode."""
+        now, roles = time.monotonic(), {p for g in groups for p in g.phases}
         if self.router_leading:
             roles.add("router")
         return [r for r in ("prefill", "decode", "router")
@@ -170,9 +173,11 @@ class Upstream:
         """Put the request on its tier's stream; its entry id (429 when the tier's queue is full)."""
         tier = self.config.policy.tier(request.tier)
         self.mux.register(request.request_id)
+        self.observed.arrival(tier.name, len(request.prompt_ids), request.arrival_s)
         try:
             entry_id, depth = await self.cluster.enqueue_if_room(request, tier.queue_limit)
             if entry_id is None:
+                self.observed.finish(tier.name, "shed", len(request.prompt_ids))
                 raise overloaded(f"tier {tier.name!r} has {depth} requests waiting (limit {tier.queue_limit}); "
                                  "retry later", max(1.0, tier.ttft_s))
             await self.mux.wake_if_blocked()

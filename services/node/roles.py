@@ -25,7 +25,7 @@ class Parking(Protocol):
         """Keep these; their output streams name `holder` (the slot) as who holds them now."""
 
     async def resume(self, targets: list[tuple[str, str]]) -> tuple[int, int]:
-        """Hand what is parked to these decode groups ((group id, address)); (moved, still parked)."""
+        """Hand what is parked to these decode-capable groups ((group id, address)); (moved, still parked)."""
 
     async def close(self) -> None: ...
 
@@ -35,5 +35,5 @@ LeaderFactory = Callable[[NodeConfig, NodeMetrics], GroupLeader]
 
 @dataclass(frozen=True)
 class Roles:
-    leaders: Mapping[str, LeaderFactory]  # role ("prefill" | "decode") -> its group leader
+    leaders: Mapping[str, LeaderFactory]  # role ("prefill" | "decode" | "colocated") -> its group leader
     parking: Parking

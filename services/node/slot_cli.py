@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --schedule tier: a step that carries prompt tokens takes at most this long, so an "
                         "urgent prompt arriving mid-prefill waits one such step (nitsum up sets a quarter of the "
                         "tiers' tightest TTFT target; 0: no cap)")
+    p.add_argument("--cpus", default=None,
+                   help="run only on these host CPUs, e.g. 0 or 2,3 (the slot's own cores, as a GPU is its own; "
+                        "default: any)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, default=os.environ.get("NITSUM_KV_BACKEND", "auto"),
                    help="prefill -> decode KV hand-off: grpc (gathered bytes), or every rank its own blocks over "
                         "auto (NIXL where it works, else sockets), nixl or local (default: $NITSUM_KV_BACKEND "
@@ -62,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
         return fail("slot", f"--index {args.index}: slots are numbered from 0")
     if args.host_reserve_gib is not None and args.host_reserve_gib < 0:
         return fail("slot", f"--host-reserve-gib {args.host_reserve_gib}: give 0 or more")
+    if args.cpus:
+        try:
+            cpus = {int(c) for c in args.cpus.split(",") if c.strip()}
+            os.sched_setaffinity(0, cpus)
+        except (ValueError, OSError) as e:
+            return fail("slot", f"--cpus {args.cpus}: {e} (give CPU numbers this host has, comma-separated)")
     if not args.device.startswith("cuda"):
         _keep_host_memory(model, args)
     config = SlotConfig(index=args.index, model=model, redis=RedisSettings(url=args.redis_url, prefix=args.redis_prefix),
@@ -77,13 +86,15 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(config: SlotConfig) -> int:
     """The composition root of a slot process: the slot gets the roles it may host. (Imported
     here, after `_keep_host_memory`: torch and the roles must not start threads before it.)"""
+    from decode_node.colocated import ColocatedLeader
     from decode_node.migration import ParkingLot
     from decode_node.service import DecodeLeader
     from prefill_node.service import PrefillLeader
     from services.node.roles import Roles
     from services.node.slot import Slot
 
-    roles = Roles(leaders={"prefill": PrefillLeader, "decode": DecodeLeader}, parking=ParkingLot(config.redis))
+    roles = Roles(leaders={"prefill": PrefillLeader, "decode": DecodeLeader, "colocated": ColocatedLeader},
+                  parking=ParkingLot(config.redis))
     return await Slot(config, roles).serve()
 
 

@@ -85,7 +85,9 @@ def observed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     except PrometheusUnavailable as e:
         pytest.skip(f"no Prometheus server here: {e}")
     root = tmp_path_factory.mktemp("observe")
-    mesh = Mesh(LaunchConfig(model=tiny_model_dir, plan="p1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120))
+    # The autopilot runs (its panels need data) but holds the plan: the re-cuts here are the admin's.
+    mesh = Mesh(LaunchConfig(model=tiny_model_dir, plan="p1,d1", port=0, log_dir=root / "logs", startup_timeout_s=120,
+                             autopilot=True, autopilot_interval_s=1.0, autopilot_hold_s=3600.0))
     with mesh, Prometheus(mesh_targets(mesh), data_dir=root / "prometheus", scrape_interval_s=SCRAPE_S) as prom:
         prom.wait_for_targets()
         started = time.time()

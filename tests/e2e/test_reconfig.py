@@ -163,7 +163,7 @@ def test_admin_api_refuses_bad_plans_and_keys(mesh: Mesh) -> None:
         ({"plan": "d2,d2"}, "no prefill group"),
         ({"plan": "p2,p2"}, "no decode group"),
         ({"groups": [{"role": "prefill", "slots": [0, 1]}, {"role": "decode", "slots": [1, 2]}]}, "two groups"),
-        ({"groups": [{"role": "prefill", "slots": [0]}, {"role": "colocated", "slots": [1]}]}, "prefill (p) or decode"),
+        ({"groups": [{"role": "prefill", "slots": [0]}, {"role": "verify", "slots": [1]}]}, "unknown role"),
         ({"nonsense": 1}, "plan"),
     ]
     for body, words in cases:

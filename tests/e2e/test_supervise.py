@@ -51,6 +51,30 @@ def test_a_killed_child_comes_back_with_a_new_pid() -> None:
     assert not child.alive
 
 
+def test_children_named_last_are_stopped_once_the_others_are_gone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`nitsum up` stops Redis last: the other services write to it on their way out."""
+    slow = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(0)))\n"
+            "time.sleep(60)")
+    seen = tmp_path / "seen"
+    last = ("import os, signal, sys, time\n"
+            "def on_term(*a):\n"
+            "    try:\n        os.kill(int(sys.argv[1]), 0); state = 'alive'\n"
+            "    except ProcessLookupError:\n        state = 'gone'\n"
+            f"    open({str(seen)!r}, 'w').write(state); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, on_term)\n"
+            "time.sleep(60)")
+    sup = Supervisor()
+    service = sup.add("service", _starter(slow))  # type: ignore[arg-type]
+    assert service.proc is not None
+    time.sleep(0.5)  # its SIGTERM handler is installed
+    pid = service.proc.pid
+    sup.add("redis", lambda: subprocess.Popen([sys.executable, "-c", last, str(pid)]))
+    time.sleep(0.5)
+    sup.stop_all(timeout_s=5, last=("redis",))
+    assert seen.read_text() == "gone"
+
+
 def test_a_usage_error_is_not_restarted() -> None:
     """Status 2 is a command's one-line usage or configuration error: restarting cannot fix it."""
     sup = Supervisor(RestartPolicy(backoff_s=0.01))

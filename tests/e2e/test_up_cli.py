@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.parametrize("args, words", [
     (["--plan", "x1"], "unknown role"),
     (["--plan", "p3,d1"], "power of two"),
-    (["--plan", "c2"], "not served yet"),
+    (["--plan", "d1,d1"], "no prefill group"),
     (["--port", "70000"], "port"),
     (["--model", "/nonexistent/model", "--port", "0"], "config.json"),
 ])

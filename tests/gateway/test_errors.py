@@ -95,6 +95,20 @@ def test_503_with_retry_after_while_no_group_is_ready(gateway) -> None:  # type:
     assert client.get("/health").status_code == 503
 
 
+def test_a_colocated_group_alone_makes_the_gateway_ready(gateway) -> None:  # type: ignore[no-untyped-def]
+    """A colocated group prefills and decodes: with it and a router the mesh serves (`c1` plans)."""
+    from services.cluster import GroupRecord
+
+    client, mesh = gateway
+
+    async def register(c) -> None:  # type: ignore[no-untyped-def]
+        await c.heartbeat_group(GroupRecord("c0", "colocated", 1, 0, "127.0.0.1:1", max_model_len=512), lease_ms=60_000)
+        await c.hold_leader("test-router", 60_000)
+
+    mesh.run(register)
+    assert client.get("/health").status_code == 200
+
+
 def test_429_with_retry_after_when_the_tier_queue_is_full(make_gateway) -> None:  # type: ignore[no-untyped-def]
     tiers = {"tiers": [{"name": "standard", "ttft_s": 2, "tpot_s": 0.1, "queue_limit": 2},
                        {"name": "batch", "ttft_s": 30, "tpot_s": 0.5, "queue_limit": 100}]}

@@ -30,6 +30,13 @@ def test_failover_prefers_an_untried_decode_group_of_the_same_epoch_with_room() 
     assert pick_decode_group(groups, {"d0", "d1", "d2", "d3"}, 1, request) is None  # d4: 9 blocks < 10
 
 
+def test_failover_may_go_to_a_colocated_group() -> None:
+    """A colocated group decodes too: a hand-off fails over to it like to a decode group."""
+    request = pb.QueuedRequest(request_id="r", prompt_ids=[1] * 100, sampling=pb.SamplingParams(max_tokens=60))
+    groups = [_group("p0", role="prefill", free=99), _group("d0", free=50), _group("c1", role="colocated", free=50)]
+    assert pick_decode_group(groups, {"d0"}, 1, request) == DecodeTarget("c1", groups[2].address)
+
+
 def _value(metrics: NodeMetrics, name: str, labels: dict[str, str] | None = None) -> float:
     return metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
