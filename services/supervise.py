@@ -167,10 +167,12 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent() -> None:
     """`preexec_fn` for a child that must not outlive the process that started it (Linux: the
-    kernel sends it SIGTERM when the starting thread exits, even by SIGKILL), so a `nitsum up` or
-    a test killed hard leaves no mesh behind. Elsewhere: nothing."""
+    kernel sends it SIGKILL when the starting thread exits, even by SIGKILL), so a `nitsum up` or
+    a test killed hard leaves no mesh behind. SIGKILL, not SIGTERM: a slot blocked in a collective
+    whose peer is gone never runs a Python signal handler. An orderly stop still goes through
+    `stop_processes` (SIGTERM first). Elsewhere: nothing."""
     if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None,
                    help="`nitsum profile --plan PLAN` output for this host: the autopilot's perf model (default: "
                         "the built-in CPU roofline, corrected online from the groups' measured steps)")
+    p.add_argument("--pin-slots", action="store_true",
+                   help="run slot i on host CPU i only (each slot its own core, as each GPU is its own device)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process within 2 minutes before it is given up on (default 5)")
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                               routers=args.routers, redis_dir=args.redis_dir,
                               restart=RestartPolicy(max_restarts=max(0, args.max_restarts)), schedule=args.schedule,
                               autopilot=args.autopilot == "on", autopilot_interval_s=args.autopilot_interval,
-                              profile=args.profile)
+                              profile=args.profile, pin_slots=args.pin_slots)
         if config.profile is not None and not config.profile.is_file():
             raise ValueError(f"--profile {config.profile}: no such file (make one with `nitsum profile --plan PLAN`)")
         check_plan(config.plan, config.slots)

@@ -87,7 +87,6 @@ class Autopilot:
         self.estimator = WorkloadEstimator(settings.window_s, default_output=64.0)
         self.costs = MoveCosts()
         self.pinned: Plan | None = None
-        self.history: deque[dict[str, Any]] = deque(maxlen=500)
         self.last: dict[str, Any] | None = None  # the last decision, with the whole explanation
         self._observed_id = "$"
         self._outcomes: deque[tuple[float, str, bool]] = deque()  # (end, tier, met)
@@ -248,12 +247,11 @@ class Autopilot:
         same = self.last is not None and (self.last["action"], self.last["reason"]) == (action, reason)
         log.log(logging.DEBUG if same else logging.INFO, "autopilot %s: %s | offered %s | measured goodput %s", action, reason,
                  estimate.describe(), json.dumps(entry["measured_goodput"]))
-        self.history.append(entry)
         self.last = {**entry, "explanation": decision.explanation if decision is not None else reason}
         try:
             await journal.push_decision(self.cluster, entry)
         except REDIS_ERRORS:
-            pass  # the in-memory history still has it
+            pass  # Redis away: the history misses this entry; the log line and the metrics have it
         return entry
 
     def _on_report(self, report: Any) -> None:

@@ -219,7 +219,11 @@ class Upstream:
                      outages: int) -> None:
         """No event for a while: fail now if the request cannot be answered any more."""
         rid, elapsed = request.request_id, time.monotonic() - started
-        limit = self.config.request_timeout_s if fold.tokens else self.config.first_event_timeout_s
+        # A tier may keep a request waiting up to its maximum wait and then its TTFT target (the
+        # batch tier: minutes): its first token is not given up on before that.
+        tier = self.config.policy.tier(request.tier)
+        first = max(self.config.first_event_timeout_s, tier.max_wait_s + tier.ttft_s)
+        limit = self.config.request_timeout_s if fold.tokens else first
         if elapsed > limit:
             raise timeout(f"request {rid} got no {'end' if fold.tokens else 'first token'} within {limit:.0f}s")
         if not self.mux.healthy and elapsed > self.config.router_grace_s:

@@ -110,8 +110,9 @@ def test_a_colocated_group_alone_makes_the_gateway_ready(gateway) -> None:  # ty
 
 
 def test_429_with_retry_after_when_the_tier_queue_is_full(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    tiers = {"tiers": [{"name": "standard", "ttft_s": 2, "tpot_s": 0.1, "queue_limit": 2},
-                       {"name": "batch", "ttft_s": 30, "tpot_s": 0.5, "queue_limit": 100}]}
+    # (A request's first token is waited for at least its tier's maximum wait + TTFT target.)
+    tiers = {"tiers": [{"name": "standard", "ttft_s": 0.2, "tpot_s": 0.1, "queue_limit": 2, "max_wait_s": 0.1},
+                       {"name": "batch", "ttft_s": 0.3, "tpot_s": 0.5, "queue_limit": 100, "max_wait_s": 0.1}]}
     client, mesh = make_gateway(tiers, first_event_timeout_s=0.5)
     mesh.ready()
     # Nobody serves the queue: two requests wait (and time out), the third is refused at once.
