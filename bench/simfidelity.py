@@ -207,6 +207,12 @@ def _max(values: list[float | None]) -> float | None:
     return max(known) if known else None
 
 
+def _errors(prefix: str, per_tier: list[dict[str, Any]]) -> dict[str, float | None]:
+    return {f"{prefix}attainment_error_max_pp": _max([v["attainment_error_pp"] for v in per_tier]),
+            f"{prefix}ttft_p50_rel_error_max": _max([v["ttft_p50_rel_error"] for v in per_tier]),
+            f"{prefix}tpot_p50_rel_error_max": _max([v["tpot_p50_rel_error"] for v in per_tier])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.simfidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the small preset)")
@@ -256,12 +262,7 @@ def main(argv: list[str] | None = None) -> int:
            "efficiency": prof.efficiency.as_dict(), "rate_scale": round(config.rate_scale, 4),
            "token_scale": args.token_scale, "requests": len(requests),
            "tiers": {t.name: {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s} for t in tiers}, "plans": plans,
-           "attainment_error_max_pp": _max([v["attainment_error_pp"] for v in per_tier]),
-           "ttft_p50_rel_error_max": _max([v["ttft_p50_rel_error"] for v in per_tier]),
-           "tpot_p50_rel_error_max": _max([v["tpot_p50_rel_error"] for v in per_tier]),
-           "as_served_attainment_error_max_pp": _max([v["attainment_error_pp"] for v in served_tier]),
-           "as_served_ttft_p50_rel_error_max": _max([v["ttft_p50_rel_error"] for v in served_tier]),
-           "as_served_tpot_p50_rel_error_max": _max([v["tpot_p50_rel_error"] for v in served_tier])}
+           **_errors("", per_tier), **_errors("as_served_", served_tier)}
     out["target_met"] = bool((out["attainment_error_max_pp"] or 99) <= 5 and (out["ttft_p50_rel_error_max"] or 9) <= 0.2
                              and (out["tpot_p50_rel_error_max"] or 9) <= 0.2)
     line = json.dumps(out)

@@ -21,8 +21,9 @@ from router.sim.cluster import SimConfig
 from router.sim.oracle import OracleBound
 from router.sim.policies import DEFAULT_POLICIES, POLICIES
 from router.sim.report import format_summary
+from router.sim.scenario import load_scenario
 from router.sim.sweep import DEFAULT_SWEEP, SimSetup, compare, plot, progress_bar
-from router.sim.tables import LoadPoint, policy_capacity, readme_table
+from router.sim.tables import LoadPoint, policy_capacity, policy_summary, readme_table
 from router.sim.trace import DEFAULT_TIER_MAP
 from services.config import TierPolicy
 from services.tiers import DEFAULT_TIERS
@@ -47,8 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    sim = subparsers.add_parser("sim", help="simulate policies on request traces")
-    sim.add_argument("--trace", required=True, help="trace CSV file(s), comma-separated")
+    sim = subparsers.add_parser("sim", help="simulate policies on request traces or a scenario")
+    src = sim.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="trace CSV file(s), comma-separated")
+    src.add_argument("--scenario", help="scenario JSON (docs/scenarios.md): a workload composed from real traces")
     sim.add_argument("--tier-map", default=DEFAULT_TIER_MAP,
                      help=f"SOURCE=TIER[:SHARE][/TIER:SHARE],... (default {DEFAULT_TIER_MAP})")
     _add_model_args(sim)
@@ -66,10 +69,16 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--sweep", nargs="?", const=",".join(map(str, DEFAULT_SWEEP)), type=str,
                      help=f"sweep rate scales (default {','.join(map(str, DEFAULT_SWEEP))})")
     sim.add_argument("--duration", type=float, help="only the first SECONDS of the (scaled) trace")
-    sim.add_argument("--seed", type=int, default=0, help="seed for the tier split")
+    sim.add_argument("--seed", type=int, help="seed for the tier split and a scenario's arrivals "
+                                                "(default 0; a scenario's own seed)")
     sim.add_argument("--plan-interval", type=float, default=5.0, help="seconds between planner runs")
     sim.add_argument("--plot", help="write goodput/attainment vs load to this PNG")
     sim.add_argument("--json", action="store_true", help="final stdout line: one JSON object")
+    sim.add_argument("--report", metavar="DIR", help="write tables and PNG plots for the run to DIR "
+                                                     "(router/sim/evidence.py)")
+    sim.add_argument("--sensitivity", action="store_true",
+                     help="with --report: also simulate forced TP changes every 5/10/30/60 s and move cost x0.5/x2/x5 "
+                          "at the reference load (9 more runs)")
     sim.set_defaults(func=_guard(_cmd_sim))
 
     prof = subparsers.add_parser("profile", help="measure the engine and fit the perf model")
@@ -129,17 +138,20 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise UserError(f"unknown policy {bad[0]!r}; use {', '.join(POLICIES)} or all")
+    if args.sensitivity and not args.report:
+        raise UserError("--sensitivity writes into the report: give --report DIR too")
     segments = tuple(_floats(args.oracle)) if args.oracle else ()
     if segments and "static-any" not in policies:
         policies.append("static-any")
-    traces = [t for t in args.trace.split(",") if t]
+    traces = [t for t in (args.trace or "").split(",") if t]
     for t in traces:
         with open(t):
             pass  # FileNotFoundError -> one-line error before any work
+    scenario = load_scenario(args.scenario) if args.scenario else None
     tiers = TierPolicy.load(args.tiers).tiers if args.tiers else DEFAULT_TIERS
     setup = SimSetup(traces, args.tier_map, tiers, args.slots, _perf(args), policies,
                      SimConfig(plan_interval_s=args.plan_interval, tpot_guard=args.tpot_guard), PlannerConfig(),
-                     args.seed, args.tp, args.duration, segments)
+                     args.seed or 0, args.tp, args.duration, segments, scenario, args.seed)
     scales = _floats(args.sweep) if args.sweep else [args.rate_scale]
     points = compare(setup, scales, progress_bar)
     for p in points:
@@ -153,8 +165,20 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         print("\n" + table)
     if args.plot:
         plot(points, args.plot, f"{setup.perf.model.name} on {args.slots} x {setup.perf.device.name}")
+    if args.report:
+        from router.sim.evidence import write_report
+
+        for line in write_report(args.report, setup, points):
+            print(line)
+        if args.sensitivity:
+            from router.sim.evidence import write_sensitivity
+
+            for line in write_sensitivity(args.report, setup, points):
+                print(line)
     if args.json:
-        print(json.dumps(_json(setup, args, traces, points, table_data)))
+        out = _json(setup, args, traces, points, table_data)
+        out["summary"] = policy_summary(setup.policies, points)
+        print(json.dumps(out))
     return 0
 
 
@@ -168,7 +192,8 @@ def _oracle_line(b: OracleBound) -> str:
 def _json(setup: SimSetup, args: argparse.Namespace, traces: list[str], points: list[LoadPoint],
           table: dict[str, object]) -> dict[str, object]:
     return {"device": setup.perf.device.name, "model": setup.perf.model.name, "slots": args.slots,
-            "traces": traces, "tier_map": args.tier_map,
+            "traces": traces, "tier_map": args.tier_map if not setup.scenario else None,
+            "scenario": setup.scenario.name if setup.scenario else None,
             "tiers": {t.name: {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "weight": t.weight} for t in setup.tiers},
             "loads": [{"rate_scale": p.rate_scale,
                        "policies": {k: _brief(s) for k, s in p.by_policy.items()},

@@ -20,8 +20,9 @@ from router.sim.cluster import SimConfig
 from router.sim.oracle import bounds, met_mask
 from router.sim.policies import Variant, run_variant, variants
 from router.sim.report import Summary, summarize
-from router.sim.tables import TARGET, LoadPoint
-from router.sim.trace import load_traces
+from router.sim.scenario import Scenario, build_requests
+from router.sim.tables import TARGET, TIMELINE_BIN_S, LoadPoint
+from router.sim.trace import TraceRequest, load_traces
 from services.tiers import Tier
 
 DEFAULT_SWEEP = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.5, 2.0)
@@ -41,16 +42,24 @@ class SimSetup:
     only_tp: int | None = None
     limit_s: float | None = None
     oracle_segments: tuple[float, ...] = ()  # with static-any runs: oracle bounds per segment length
+    scenario: Scenario | None = None  # instead of `traces` (router/sim/scenario.py)
+    scenario_seed: int | None = None  # None: the scenario's own seed
+
+    def requests(self, scale: float) -> list[TraceRequest]:
+        tiers = {t.name for t in self.tiers}
+        if self.scenario is not None:
+            return build_requests(self.scenario, tiers, self.scenario_seed, scale, self.limit_s)
+        return load_traces(self.traces, self.tier_map, tiers, self.seed, scale, self.limit_s)
 
 
 def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float], None]) -> list[LoadPoint]:
     points = []
     total = len(scales)
     for i, scale in enumerate(scales):
-        reqs = load_traces(setup.traces, setup.tier_map, {t.name for t in setup.tiers}, setup.seed,
-                           scale, setup.limit_s)
+        reqs = setup.requests(scale)
         runs: list[tuple[Variant, Summary]] = []
         masks: dict[str, np.ndarray] = {}
+        timelines: dict[str, tuple[list[int], list[int], list[tuple[float, str]]]] = {}
         todo = [v for p in setup.policies for v in variants(p, setup.perf, setup.tiers, setup.slots,
                                                               reqs, setup.only_tp)]
         for j, v in enumerate(todo):
@@ -62,8 +71,10 @@ def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float
 
             res = run_variant(v, reqs, setup.perf, setup.tiers, setup.slots, setup.cfg, setup.planner_cfg, tick)
             runs.append((v, summarize(v.label, res, setup.tiers, setup.slots)))
+            met = met_mask(res, setup.tiers)
             if setup.oracle_segments and v.policy == "static-any":
-                masks[v.plan.to_str()] = met_mask(res, setup.tiers)
+                masks[v.plan.to_str()] = met
+            timelines[v.label] = _timeline(res.requests, met, res.plans)
         best: dict[str, Summary] = {}
         labels: dict[str, tuple[str, ...]] = {}
         for v, s in runs:
@@ -71,9 +82,19 @@ def compare(setup: SimSetup, scales: list[float], progress: Callable[[str, float
             if v.policy not in best or s.goodput > best[v.policy].goodput:
                 best[v.policy] = s
         oracle = bounds(np.array([r.arrival_s for r in reqs]), masks, setup.oracle_segments) if masks else []
-        points.append(LoadPoint(scale, {v.label: s for v, s in runs}, best, labels, tuple(oracle)))
+        points.append(LoadPoint(scale, {v.label: s for v, s in runs}, best, labels, tuple(oracle), timelines))
     progress("done", 1.0)
     return points
+
+
+def _timeline(requests: list[TraceRequest], met: np.ndarray,
+              plans: list[tuple[float, str]]) -> tuple[list[int], list[int], list[tuple[float, str]]]:
+    if not requests:
+        return [], [], list(plans)
+    idx = (np.array([r.arrival_s for r in requests]) // TIMELINE_BIN_S).astype(int)
+    size = int(idx.max()) + 1
+    return (np.bincount(idx, minlength=size).tolist(), np.bincount(idx, weights=met, minlength=size).astype(int).tolist(),
+            list(plans))
 
 
 def plot(points: list[LoadPoint], out: str, title: str) -> None:
@@ -115,7 +136,7 @@ def progress_bar(label: str, frac: float) -> None:
         sys.stderr.write(f"\r[{bar}] {frac:5.1%} {label[:50]:<50}")
         if frac >= 1.0:
             sys.stderr.write("\n")
-    elif int(frac * 10) != int(getattr(progress_bar, "_last", -1)):
+    elif int(frac * 10) != int(getattr(progress_bar, "_last", -1)) or frac >= 1.0:  # every run ends with a line
         progress_bar._last = int(frac * 10)  # type: ignore[attr-defined]
         sys.stderr.write(f"[{bar}] {frac:5.1%} {label}\n")
     sys.stderr.flush()

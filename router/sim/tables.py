@@ -19,12 +19,13 @@ Static colocated TP 8 is the reference twice: with Nitsum's scheduler and engine
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from router.sim.oracle import OracleBound
 from router.sim.report import Summary
 
 TARGET = 0.9
+TIMELINE_BIN_S = 300.0
 REF = "static-colocated tp8"
 VLLM_REF = "vllm-like tp8"
 STATIC = ("static-colocated", "static-disagg")
@@ -37,6 +38,9 @@ class LoadPoint:
     by_policy: dict[str, Summary]  # best variant per policy (best in hindsight)
     labels_of: dict[str, tuple[str, ...]]  # policy -> its variants' labels
     oracle: tuple[OracleBound, ...] = ()  # per segment length, when the sweep was asked for them
+    # label -> (requests arrived, requests met) per `TIMELINE_BIN_S` of arrival time, and the plan
+    # changes (time, plan): what `--report` plots over the run
+    timelines: dict[str, tuple[list[int], list[int], list[tuple[float, str]]]] = field(default_factory=dict)
 
 
 def held_load(points: list[LoadPoint], label: str) -> tuple[float | None, str]:
@@ -200,3 +204,37 @@ def _targets(points: list[LoadPoint], nit: Summary, bs: Summary,
 
 def _ratio(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
+
+
+def reference_load(points: list[LoadPoint]) -> LoadPoint:
+    """The highest load where the best static config holds 90% (the lowest load if none does;
+    the only load of a single run)."""
+    statics = [k for k in (*STATIC, "static-any") if any(k in p.by_policy for p in points)]
+    if len(points) == 1 or not statics:
+        return points[0]
+    def best(p: LoadPoint) -> float:
+        return max((p.by_policy[k].attainment for k in statics if k in p.by_policy), default=0.0)
+    held = [p for p in points if best(p) >= TARGET]
+    return max(held, key=lambda p: p.rate_scale) if held else min(points, key=lambda p: p.rate_scale)
+
+
+def policy_summary(policies: list[str], points: list[LoadPoint]) -> dict[str, object]:
+    """Per policy: goodput and SLO attainment at the reference load, and capacity (the highest rate
+    scale held at 90% attainment; needs a sweep, else null)."""
+    if not points:
+        return {}
+    ref = reference_load(points)
+    out: dict[str, object] = {"reference_rate_scale": ref.rate_scale, "policies": {}}
+    rows: dict[str, object] = {}
+    for name in policies:
+        s = ref.by_policy.get(name)
+        if s is None:
+            continue
+        cap = policy_capacity(points, name) if len(points) > 1 else (None, "", "")
+        rows[name] = {"label": s.label, "goodput": round(s.goodput, 4), "slo_attainment": round(s.attainment, 4),
+                      "capacity_rate_scale": cap[0] if cap[1] != "<" else None,
+                      "capacity_qualifier": cap[1] if len(points) > 1 else "needs --sweep",
+                      "capacity_config": cap[2], "reconfigurations": s.reconfigurations,
+                      "reconfig_time_frac": round(s.reconfig_time_frac, 5)}
+    out["policies"] = rows
+    return out
