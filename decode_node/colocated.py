@@ -34,7 +34,7 @@ from kvtransfer.base import KVHandoff
 from services.config import NodeConfig
 from services.engine import BadRequestError, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import sampling_of, slo_of
+from services.node.frame import emit_first_token, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .service import DecodeLeader
@@ -158,12 +158,7 @@ class ColocatedLeader(DecodeLeader, pb_grpc.PrefillServicer):
         if out is None:
             return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled during prefill"))
         prefill_s = time.perf_counter() - started
-        first = out.new_token_ids[0]
-        done = out.finish_reason in ("stop", "length", "abort")
-        await self.cluster.emit(rid, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
-                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids),
-                                                   next_group="" if done else request.decode_group,
-                                                   index=out.index, attempt=q.attempt))
+        first, done = await emit_first_token(self.cluster, q, out, request.decode_group)
         if done:
             return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
         try:

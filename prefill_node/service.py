@@ -26,7 +26,7 @@ from kvtransfer.grpc_backend import GrpcKVBackend
 from services.config import NodeConfig
 from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, sampling_of, slo_of
+from services.node.frame import GroupLeader, emit_first_token, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
@@ -129,12 +129,7 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         if out is None:
             return pb.PrefillReply(error=error(pb.CANCELLED, "cancelled during prefill"))
         prefill_s = time.perf_counter() - started
-        first = out.new_token_ids[0]
-        done = out.finish_reason in ("stop", "length", "abort")
-        await self.cluster.emit(rid, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
-                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids),
-                                                   next_group="" if done else request.decode_group,
-                                                   index=out.index, attempt=q.attempt))
+        first, done = await emit_first_token(self.cluster, q, out, request.decode_group)
         if done:
             return pb.PrefillReply(first_token=first, finished=True, prefill_s=prefill_s)
         return await self._hand_off(request, first, prefill_s)

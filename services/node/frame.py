@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import time
 from abc import ABC, abstractmethod
 
 import grpc
@@ -220,3 +221,16 @@ def slo_of(q: pb.QueuedRequest) -> SLO:
     return SLO(deadline_s=q.arrival_s + s.ttft_s if s.ttft_s > 0 else math.inf,
                tpot_s=s.tpot_s if s.tpot_s > 0 else math.inf, weight=s.weight,
                starved_at_s=q.arrival_s + s.max_wait_s if s.max_wait_s > 0 else math.inf)
+
+
+async def emit_first_token(cluster: ClusterClient, q: pb.QueuedRequest, out: RequestOutput,
+                           next_group: str) -> tuple[int, bool]:
+    """A prefilled request's first token on its stream (with its prompt length; naming the group
+    that decodes it next, unless it is already done): (the token, whether it is done)."""
+    first = out.new_token_ids[0]
+    done = out.finish_reason in ("stop", "length", "abort")
+    await cluster.emit(q.request_id, pb.TokenEvent(token_ids=[first], finish_reason=out.finish_reason if done else "",
+                                                   time_s=time.time(), prompt_tokens=len(q.prompt_ids),
+                                                   next_group="" if done else next_group, index=out.index,
+                                                   attempt=q.attempt))
+    return first, done

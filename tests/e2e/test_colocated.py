@@ -140,12 +140,19 @@ def test_recuts_to_and_from_colocated_lose_and_repeat_no_token(mesh: Mesh, engin
                 reports.append(await asyncio.to_thread(_apply, mesh, plan))
             return list(await asyncio.gather(*tasks)), reports
 
-    texts, reports = asyncio.run(drive())
     order = [i for k in range(len(plans)) for i in range(k * len(PROMPTS) // len(plans),
                                                          (k + 1) * len(PROMPTS) // len(plans))]
-    assert texts == [want[i] for i in order]
-    assert [r["plan"] for r in reports] == plans
-    assert [r["disk_bytes"] for r in reports] == [0] * len(plans)  # role switches keep every weight byte
+    # Whether a stream is still mid-way on a group that goes (rather than finished in place by the
+    # drain) is a race with the machine's load: the scenario runs again, three times at most.
+    for attempt in range(3):
+        if attempt:
+            _apply(mesh, "p1,d1")
+        texts, reports = asyncio.run(drive())
+        assert texts == [want[i] for i in order]
+        assert [r["plan"] for r in reports] == plans
+        assert [r["disk_bytes"] for r in reports] == [0] * len(plans)  # role switches keep every weight byte
+        if reports[0]["parked"] >= 1 and sum(r["migrated"] for r in reports[1:]) >= 1:
+            break
     assert reports[0]["parked"] >= 1, reports[0]  # d1 went and no group that decodes stayed
     assert sum(r["migrated"] for r in reports[1:]) >= 1, reports
 
