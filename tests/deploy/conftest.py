@@ -90,5 +90,5 @@ def python_m(subcommand: str) -> list[str]:
     lead has wired the subcommand there, else through the module's own entry point."""
     if subcommand in nitsum_subcommands():
         return [sys.executable, "-m", "services.cli", subcommand]
-    fallback = {"up": ["services.launch"], "bench": ["bench.replay_cli", "bench"]}
+    fallback = {"up": ["services.up_cli"], "bench": ["bench.replay_cli", "bench"]}
     return [sys.executable, "-m", *fallback[subcommand]]

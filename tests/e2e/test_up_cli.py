@@ -16,7 +16,7 @@ import pytest
     (["--model", "/nonexistent/model", "--port", "0"], "config.json"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args: list[str], words: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "services.launch", *args], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "services.up_cli", *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nitsum up: error:") and words in lines[0]

@@ -54,7 +54,7 @@ def test_a_second_start_downloads_and_imports_nothing(imported: Path, monkeypatc
 def test_offline_the_first_start_fails_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
            "PIP_FIND_LINKS": "", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "services.launch", "--port", "0"], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-m", "services.up_cli", "--port", "0"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=180)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
