@@ -34,7 +34,7 @@ from kvtransfer.base import KVHandoff
 from services.config import NodeConfig
 from services.engine import BadRequestError, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import emit_first_token, sampling_of, slo_of
+from services.node.frame import PrefillRPC, emit_first_token, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .service import DecodeLeader
@@ -44,14 +44,13 @@ log = logging.getLogger("nitsum.colocated")
 Waiter = asyncio.Future[RequestOutput | None]
 
 
-class ColocatedLeader(DecodeLeader, pb_grpc.PrefillServicer):
+class ColocatedLeader(PrefillRPC, DecodeLeader, pb_grpc.PrefillServicer):
     def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         super().__init__(config, metrics)
         # Both keyed by engine id: prompts decoding here whose first token is not out yet, and
         # prompts prefilled here for another group (prefill only) until their first token.
         self._first: dict[str, Waiter] = {}
         self._prefilling: dict[str, Waiter] = {}
-        self._in_flight = 0  # Prefill RPCs not answered yet
 
     def add_services(self, server: grpc.aio.Server) -> None:
         super().add_services(server)
@@ -84,19 +83,6 @@ class ColocatedLeader(DecodeLeader, pb_grpc.PrefillServicer):
             waiter.set_result(None)  # aborted before its first token
 
     # ---- the Prefill service -------------------------------------------------------------------
-    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:  # noqa: N802
-        q = request.request
-        self._in_flight += 1
-        try:
-            return await self._prefill(request)
-        except Exception:
-            log.exception("prefill of %s failed", q.request_id)
-            e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
-            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time(), attempt=q.attempt))
-            return pb.PrefillReply(error=e)
-        finally:
-            self._in_flight -= 1
-
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
         q, rid = request.request, request.request.request_id
         if not self.admitting:  # being re-cut: the router resumes it elsewhere (router/live/recovery.py)
@@ -204,10 +190,7 @@ class ColocatedLeader(DecodeLeader, pb_grpc.PrefillServicer):
         given to this group is answered (its first token out, or its KV handed off), then drain
         as a decode group does, within what is left of `wait_s`."""
         self.admitting = False
-        pending = self._in_flight
-        deadline = time.monotonic() + command.wait_s
-        while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        pending, deadline = await self._wait_prefills(command.wait_s)
         rest = pb.DrainCommand()
         rest.CopyFrom(command)
         rest.wait_s = max(0.0, deadline - time.monotonic())

@@ -26,7 +26,7 @@ from kvtransfer.grpc_backend import GrpcKVBackend
 from services.config import NodeConfig
 from services.engine import BadRequestError, LLMEngine, RequestOutput
 from services.metrics import NodeMetrics
-from services.node.frame import GroupLeader, emit_first_token, sampling_of, slo_of
+from services.node.frame import GroupLeader, PrefillRPC, emit_first_token, sampling_of, slo_of
 from services.rpc import engine_id, error, pb, pb_grpc, request_of
 
 from .handoff import DecodeTarget, HandoffResult, fail_over, hand_off, pick_decode_group
@@ -35,13 +35,12 @@ from .kv_send import BlockSender
 log = logging.getLogger("nitsum.prefill")
 
 
-class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
+class PrefillLeader(PrefillRPC, GroupLeader, pb_grpc.PrefillServicer):
     def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         super().__init__(config, metrics)
         self.kv = GrpcKVBackend(self.config.kv_chunk_bytes, self.config.kv_timeout_s)
         self.blocks: BlockSender | None = None  # the block path, once this group's agents are open
         self._waiting: dict[str, asyncio.Future[RequestOutput | None]] = {}
-        self._in_flight = 0  # Prefill RPCs not answered yet (prefill, first token, KV hand-off)
 
     def add_services(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_PrefillServicer_to_server(self, server)
@@ -81,27 +80,11 @@ class PrefillLeader(GroupLeader, pb_grpc.PrefillServicer):
         await self.on_cancel(request.request_id)
         return pb.AbortReply(found=found)
 
-    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:  # noqa: N802
-        q = request.request
-        self._in_flight += 1
-        try:
-            return await self._prefill(request)
-        except Exception:
-            log.exception("prefill of %s failed", q.request_id)
-            e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
-            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time(), attempt=q.attempt))
-            return pb.PrefillReply(error=e)
-        finally:
-            self._in_flight -= 1
-
     async def drain(self, command: pb.DrainCommand) -> tuple[pb.DrainResult, list[KVHandoff]]:
         """For a reconfiguration: wait (up to `wait_s`) until every prompt given to this group has
         been answered and its KV handed off; the router sends no new ones. `in_flight`: how many
         were still in flight when the wait began. Nothing is ever parked here."""
-        pending = self._in_flight
-        deadline = time.monotonic() + command.wait_s
-        while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        pending, _ = await self._wait_prefills(command.wait_s)
         return pb.DrainResult(in_flight=pending), []
 
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:

@@ -26,7 +26,7 @@ from services.config import NodeConfig
 from services.engine import EngineArgs, EngineError, LLMEngine, RequestOutput, SamplingParams
 from services.engine.policy import NO_SLO, SLO
 from services.metrics import NodeMetrics
-from services.rpc import CHANNEL_OPTIONS, pb
+from services.rpc import CHANNEL_OPTIONS, error, pb
 from services.tasks import TaskSet
 
 from .engine_loop import EngineLoop
@@ -234,3 +234,37 @@ async def emit_first_token(cluster: ClusterClient, q: pb.QueuedRequest, out: Req
                                                    next_group="" if done else next_group, index=out.index,
                                                    attempt=q.attempt))
     return first, done
+
+
+class PrefillRPC:
+    """The router's Prefill RPC as a prefill-capable leader (prefill_node's, decode_node's colocated
+    one) answers it: `_prefill` does the work; an unexpected failure becomes an INTERNAL error event
+    on the request's stream and in the reply; RPCs in flight are counted for a drain to wait on."""
+
+    cluster: ClusterClient
+    _in_flight: int = 0  # Prefill RPCs not answered yet
+
+    async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
+        raise NotImplementedError
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillReply:  # noqa: N802
+        q = request.request
+        self._in_flight += 1
+        try:
+            return await self._prefill(request)
+        except Exception:
+            log.exception("prefill of %s failed", q.request_id)
+            e = error(pb.INTERNAL, f"prefill of {q.request_id} failed")
+            await self.cluster.emit(q.request_id, pb.TokenEvent(error=e, time_s=time.time(), attempt=q.attempt))
+            return pb.PrefillReply(error=e)
+        finally:
+            self._in_flight -= 1
+
+    async def _wait_prefills(self, wait_s: float) -> tuple[int, float]:
+        """Wait (up to `wait_s`) until every Prefill RPC is answered: (how many were in flight when
+        the wait began, the wait's monotonic deadline)."""
+        pending = self._in_flight
+        deadline = time.monotonic() + wait_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return pending, deadline
